@@ -1,0 +1,94 @@
+"""The ``mixcache`` torch.compile backend (registered as an entry point in pyproject.toml).
+
+Dynamo hands us the traced graph; we plan it into stage graphs and return a ``StageRunner``
+that the session drives call by call. A graph we cannot plan (no repeated blocks, a partial
+graph after a graph break, a stage that writes its inputs) gets one warning naming why and
+is compiled plainly: the output is still correct, it is just not cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .engines import make_engine
+from .engines.base import Engine
+from .passes.plan import PlanError, plan_stages
+from .runtime.executor import StageRunner
+from .runtime.inputs import classify_inputs
+from .runtime.session import CacheSession
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackendOptions:
+    session: CacheSession
+    engine: Engine
+    repeated_blocks: list[str] | None = None
+
+    @staticmethod
+    def parse(options: dict[str, Any] | None) -> BackendOptions:
+        options = dict(options or {})
+        valid = {"session", "engine", "repeated_blocks", "policy"}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
+        session = options.get("session")
+        if session is None:
+            session = CacheSession(options.get("policy", "none"))
+        elif not isinstance(session, CacheSession):
+            raise TypeError(f"options['session'] must be a CacheSession, got {type(session).__name__}")
+        elif "policy" in options:
+            raise TypeError("give the policy to the CacheSession, not next to it in options")
+        blocks = options.get("repeated_blocks")
+        if blocks is not None and not (isinstance(blocks, (list, tuple)) and all(isinstance(b, str) for b in blocks)):
+            raise TypeError("options['repeated_blocks'] must be a list of block class names")
+        return BackendOptions(session, make_engine(options.get("engine", "inductor")), list(blocks) if blocks else None)
+
+
+def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
+    """A graph Dynamo cut at a graph break covers only part of the model's forward."""
+    reason = getattr(gm, "compile_subgraph_reason", None)
+    if reason is not None and getattr(reason, "graph_break", False):
+        return "the graph ends at a graph break (compile with fullgraph=True)"
+    code = getattr(gm, "_mixcache_code_name", "")
+    if code.startswith("torch_dynamo_resume_in_"):
+        return "the graph resumes after a graph break (compile with fullgraph=True)"
+    return None
+
+
+def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:
+    warnings.warn(f"mixcache: not caching this graph: {why}; compiling it without caching", stacklevel=2)
+    if engine.name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    return gm.forward
+
+
+def mixcache_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, mode: str | None = None
+) -> Callable[..., Any]:
+    """``torch.compile(model, backend="mixcache", options={"session": CacheSession(...), "engine": "eager"})``."""
+    opts = BackendOptions.parse(options)
+    why = _partial_graph_reason(gm)
+    if why is None:
+        try:
+            plan = plan_stages(gm, opts.repeated_blocks)
+        except PlanError as err:
+            why = str(err)
+    if why is not None:
+        return _fallback(gm, example_inputs, opts.engine, why)
+    inputs = classify_inputs(plan.placeholders, example_inputs)
+    log.info(
+        "mixcache: planned %d block(s) in %d chain(s), range reuse %s, engine %s",
+        sum(len(c) for c in plan.chains), len(plan.chains), plan.range_reusable, opts.engine.name,
+    )
+    return StageRunner(plan, opts.engine, inputs, opts.session)

@@ -1,0 +1,19 @@
+"""Engine ``eager``: run the stage GraphModules as they are (the reference for exactness)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..passes.stage_graph import StageGraph
+from .base import StageFn
+
+
+class EagerEngine:
+    name = "eager"
+
+    def __init__(self) -> None:
+        self.compiles = 0  # eager never compiles; kept so engines report alike
+
+    def get(self, stage: StageGraph, args: Sequence[Any]) -> StageFn:
+        return stage.gm

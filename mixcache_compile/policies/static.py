@@ -1,0 +1,77 @@
+"""Policy ``static``: a user-given schedule of actions per step (and optionally per branch).
+
+``schedule`` maps a step index, or ``(step, branch)``, to an action (an ``Action`` or a string
+such as ``"step"``, ``"cfg"``, ``"block:2-6"``, ``"attn:0,1"``); ``(step, branch)`` entries win
+over plain step entries, and unlisted calls compute in full. ``every`` is the shorthand
+"compute every k-th step, reuse the others" (``reuse`` names the action used in between).
+It drives every action path of the runtime, which is what the exactness tests need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .protocol import FULL, Action, ActionKind, CacheNeeds, ModelInfo, Observation
+
+ScheduleKey = int | tuple[int, str]
+
+
+class StaticPolicy:
+    name = "static"
+
+    def __init__(
+        self,
+        schedule: Mapping[ScheduleKey, Action | str] | None = None,
+        every: int | None = None,
+        reuse: Action | str = "step",
+        warmup: int = 1,
+    ) -> None:
+        if schedule is not None and not isinstance(schedule, Mapping):
+            raise TypeError(f"schedule must be a mapping of step or (step, branch) to action, not {type(schedule).__name__}")
+        if every is not None and (not isinstance(every, int) or every < 1):
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        self.schedule: dict[ScheduleKey, Action] = {}
+        for key, action in (schedule or {}).items():
+            _check_key(key)
+            self.schedule[key] = Action.parse(action)
+        self.every = every
+        self.reuse = Action.parse(reuse)
+        self.warmup = warmup
+
+    def _scheduled(self, step: int, branch: str) -> Action:
+        if (step, branch) in self.schedule:
+            return self.schedule[(step, branch)]
+        if step in self.schedule:
+            return self.schedule[step]
+        if self.every and step >= self.warmup and (step - self.warmup) % self.every != 0:
+            return self.reuse
+        return FULL
+
+    def decide(self, obs: Observation) -> Action:
+        return self._scheduled(obs.step, obs.branch)
+
+    def needs(self, model: ModelInfo) -> CacheNeeds:
+        needs = CacheNeeds()
+        for action in [*self.schedule.values(), self.reuse]:
+            if action.kind is ActionKind.STEP:
+                needs.outputs = True
+            elif action.kind is ActionKind.CFG:
+                needs.cfg_delta = True
+            elif action.kind is ActionKind.BLOCK and action.block_range:
+                needs.ranges.add(action.block_range)
+            elif action.kind is ActionKind.ATTN:
+                needs.attn_blocks.update(action.attn_blocks)
+        return needs
+
+    def reset(self) -> None:
+        pass
+
+
+def _check_key(key: object) -> None:
+    if isinstance(key, int) and key >= 0:
+        return
+    if isinstance(key, tuple) and len(key) == 2 and isinstance(key[0], int) and key[1] in ("cond", "uncond", "batch"):
+        return
+    raise ValueError(f"schedule key {key!r} is not a step index or (step, 'cond'|'uncond'|'batch')")

@@ -1,0 +1,48 @@
+"""Owned cache buffers.
+
+Note [owned buffers]: a cached tensor is never a reference to a stage output. Engines may
+reuse output storage on the next run (CUDA graph trees overwrite earlier replays), and the
+caller may modify what it was returned, so every cached value is copied with ``copy_`` into a
+buffer allocated once per key and shape, and freed on ``clear``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+
+import torch
+
+
+class CacheStore:
+    def __init__(self) -> None:
+        self._buffers: dict[Hashable, torch.Tensor] = {}
+        self._valid: set[Hashable] = set()
+        self.allocations = 0
+        self.peak_bytes = 0
+
+    def put(self, key: Hashable, value: torch.Tensor) -> None:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            buf = torch.empty_like(value, memory_format=torch.contiguous_format)
+            self._buffers[key] = buf
+            self.allocations += 1
+            self.peak_bytes = max(self.peak_bytes, self.nbytes())
+        buf.copy_(value)
+        self._valid.add(key)
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        return self._buffers[key] if key in self._valid else None
+
+    def has(self, key: Hashable) -> bool:
+        return key in self._valid
+
+    def invalidate(self, key: Hashable) -> None:
+        self._valid.discard(key)
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    def clear(self) -> None:
+        """Drop every buffer (a new generation or a shape change: nothing may be reused)."""
+        self._buffers.clear()
+        self._valid.clear()

@@ -1,0 +1,322 @@
+"""``CacheSession``: the state of one denoising run, kept outside every compiled graph.
+
+It holds the step/branch tracker, the policy, the owned cache buffers, the decision trace and
+the statistics. Python state in the callable a backend returns is not guarded by Dynamo, so
+keeping it here (never on the ``nn.Module``) is what keeps the graph free of recompiles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..policies import make_policy
+from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, Observation, Policy
+from .cache_store import CacheStore
+from .context import CallContext, CallPosition, StepTracker
+
+log = logging.getLogger(__name__)
+
+_CFG_MODES = ("auto", "separate", "batched", "none")
+
+
+@dataclass(frozen=True)
+class TraceEntry:
+    """One decision: which call, what the policy asked, what ran and why if it differs."""
+
+    generation: int
+    step: int | None
+    branch: str
+    action: str
+    requested: str
+    fallback: str | None = None
+
+
+class CacheSession:
+    """State of caching across the calls of a denoising loop.
+
+    ``policy``: a name from ``mixcache_compile.policies.POLICIES`` or a policy object, with
+    its options as keyword arguments. ``cfg``: "auto" (separate branch calls, told apart by
+    context names or by call order within a timestep), "separate", "batched" (one call
+    carries ``batch_order`` halves), or "none". ``branch_order``: the order of the two branch
+    calls of a step when no context names them (diffusers pipelines call cond first).
+    """
+
+    def __init__(
+        self,
+        policy: str | Policy = "none",
+        *,
+        cfg: str = "auto",
+        branch_order: tuple[str, str] = ("cond", "uncond"),
+        batch_order: tuple[str, str] = ("uncond", "cond"),
+        **policy_options: Any,
+    ) -> None:
+        if cfg not in _CFG_MODES:
+            raise ValueError(f"unknown cfg mode {cfg!r}; valid modes: {', '.join(_CFG_MODES)}")
+        for name, order in (("branch_order", branch_order), ("batch_order", batch_order)):
+            if sorted(order) != ["cond", "uncond"]:
+                raise ValueError(f"{name} must be ('cond', 'uncond') in some order, got {order!r}")
+        self.policy: Policy = make_policy(policy, **policy_options)
+        self.cfg = cfg
+        self.batch_order = tuple(batch_order)
+        self._tracker = StepTracker(cfg, tuple(branch_order))
+        self._store = CacheStore()
+        self._local = threading.local()
+        self._runner: Any = None
+        self._needs: CacheNeeds | None = None
+        self._warned: set[str] = set()
+        self.trace: list[TraceEntry] = []
+        self.generation = 0
+        self._reset_counters()
+
+    # ---- public API --------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the current generation: caches freed, tracker and policy reset."""
+        self._store.clear()
+        self._tracker.reset()
+        self.policy.reset()
+        self._signature = None
+        self._computed_this_step: set[str] = set()
+
+    def set_context(
+        self,
+        name: str | None = None,
+        step_index: int | None = None,
+        num_inference_steps: int | None = None,
+        batched: bool | None = None,
+        **_: Any,
+    ) -> None:
+        """Describe the next call(s): branch name and step index (what diffusers' ``cache_context`` carries)."""
+        if step_index is not None and (not isinstance(step_index, int) or step_index < 0):
+            raise ValueError(f"step_index must be a non-negative int, got {step_index!r}")
+        self._local.ctx = CallContext(name, step_index, num_inference_steps, batched)
+
+    def clear_context(self) -> None:
+        self._local.ctx = None
+
+    @contextlib.contextmanager
+    def context(self, name: str | None = None, step_index: int | None = None, num_inference_steps: int | None = None, batched: bool | None = None) -> Iterator[None]:
+        """For hand-written loops: ``with session.context("cond", step_index=i, num_inference_steps=n): model(...)``."""
+        previous = getattr(self._local, "ctx", None)
+        self.set_context(name, step_index, num_inference_steps, batched)
+        try:
+            yield
+        finally:
+            self._local.ctx = previous
+
+    def stats(self) -> dict[str, Any]:
+        run, full = self._flops_run, self._flops_full
+        return {
+            "calls": self._calls,
+            "computed_fraction": run / full if full else 1.0,
+            "flops_run": run,
+            "flops_full": full,
+            "actions": dict(self._actions),
+            "fallbacks": dict(self._fallbacks),
+            "generations": self.generation + (1 if self._calls else 0),
+            "cache_bytes": self._store.nbytes(),
+            "cache_peak_bytes": self._store.peak_bytes,
+            "cache_allocations": self._store.allocations,
+        }
+
+    def reset_stats(self) -> None:
+        """Zero the statistics and the trace (caches and position are kept)."""
+        self._reset_counters()
+        self.trace = []
+
+    # ---- the per-call path (called by StageRunner) ---------------------------------------
+    def _reset_counters(self) -> None:
+        self._calls = 0
+        self._flops_run = 0
+        self._flops_full = 0
+        self._actions: Counter[str] = Counter()
+        self._fallbacks: Counter[str] = Counter()
+        self._signature: tuple | None = None
+        self._computed_this_step = set()
+
+    def _bind(self, runner: Any) -> None:
+        if self._runner is runner:
+            return
+        if self._runner is not None:
+            # A new graph (a recompile after a shape change): caches of the old one are stale.
+            self._store.clear()
+        self._runner = runner
+        self._needs = self.policy.needs(runner.model_info)
+
+    def _run_call(self, runner: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+        self._bind(runner)
+        ctx = getattr(self._local, "ctx", None)
+        pos = self._tracker.resolve(ctx, runner.inputs.timestep_value(args) if not (ctx and ctx.step_index is not None) else None)
+        if pos.new_generation:
+            self._new_generation()
+        sig = runner.inputs.user_signature(args)
+        if self._signature is not None and sig != self._signature:
+            self._store.clear()  # shape/dtype changed: nothing cached may be reused
+            self._warn_once("signature", "input shapes or dtypes changed mid-generation: caches dropped, computing in full")
+        self._signature = sig
+        if pos.step is not None and pos.step != getattr(self, "_step", None):
+            self._computed_this_step = set()
+        self._step = pos.step
+        requested, action, reason = self._decide(runner, pos)
+        outputs, flops = self._execute(runner, args, sig, pos, action)
+        self._account(runner, args, sig, pos, requested, action, reason, flops)
+        return tuple(outputs)
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self._store.clear()
+        self.policy.reset()
+        self._computed_this_step = set()
+
+    def _decide(self, runner: Any, pos: CallPosition) -> tuple[Action, Action, str | None]:
+        if pos.step is None:
+            self._warn_once("nostep", "no step context and no timestep input: every call computes in full")
+            return FULL, FULL, "no step information"
+        obs = Observation(
+            step=pos.step,
+            num_steps=pos.num_steps,
+            branch=pos.branch,
+            cfg="batched" if pos.branch == "batch" else ("none" if self.cfg == "none" else "separate"),
+            generation=self.generation,
+            computed_this_step=frozenset(self._computed_this_step),
+        )
+        requested = self.policy.decide(obs)
+        if not isinstance(requested, Action):
+            raise TypeError(f"policy {self.policy.name!r} returned {requested!r}, not an Action")
+        reason = self._unavailable(runner, pos, requested)
+        return requested, (FULL if reason else requested), reason
+
+    def _unavailable(self, runner: Any, pos: CallPosition, action: Action) -> str | None:
+        """Why ``action`` cannot run now (then the call computes in full), or None."""
+        store, b, info = self._store, pos.branch, runner.model_info
+        kind = action.kind
+        if kind is ActionKind.FULL:
+            return None
+        if kind is ActionKind.STEP:
+            return None if store.has(("out", b, 0)) else "no cached output for this branch"
+        if kind is ActionKind.CFG:
+            if b == "cond":
+                return "CFG reuse applies to the unconditional branch"
+            if not store.has(("delta", 0)):
+                return "no cached CFG difference"
+            if b == "uncond":
+                return None if "cond" in self._computed_this_step else "cond branch not computed at this step"
+            return None if info.half_batch_available else "half batch unavailable (batch dim not symbolic)"
+        if kind is ActionKind.BLOCK:
+            a, e = action.block_range
+            if (a, e) not in info.reusable_ranges:
+                return f"blocks {a}-{e} cannot be skipped (not inside one chain {info.chain_bounds}, or their streams do not pair)"
+            return None if store.has(("res", b, a, e, 0)) else f"no cached residual for blocks {a}-{e}"
+        if kind is ActionKind.ATTN:
+            if not info.attention_reusable:
+                return "the model's blocks have no self-attention cut"
+            if any(g >= info.num_blocks for g in action.attn_blocks):
+                return f"attention block index out of range (model has {info.num_blocks} blocks)"
+            missing = [g for g in action.attn_blocks if not store.has(("attn", b, g, 0))]
+            return f"no cached attention for blocks {missing}" if missing else None
+        return f"unknown action {action}"
+
+    def _execute(self, runner: Any, args: Sequence[Any], sig: tuple, pos: CallPosition, action: Action) -> tuple[list[Any], int]:
+        store, b = self._store, pos.branch
+        if action.kind is ActionKind.STEP:
+            return self._cached_outputs(b), 0
+        if action.kind is ActionKind.CFG and b == "uncond":
+            outs = [self._rebuild_uncond(c, i) for i, c in enumerate(self._cached_list(("out", "cond")))]
+            self._record_outputs(b, outs, computed=False)
+            return outs, 0
+        if action.kind is ActionKind.CFG:  # batched: compute the cond half only
+            part = self.batch_order.index("cond")
+            half = runner.inputs.half_batch_args(args, part)
+            cond, flops, _, _ = runner.run_graph(half, sig + ("half",), FULL, {}, {}, set(), set())
+            outs = []
+            for i, c in enumerate(cond):
+                if not isinstance(c, torch.Tensor):
+                    outs.append(c)
+                    continue
+                u = self._rebuild_uncond(c, i)
+                outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
+            self._record_outputs(b, outs, computed=False)
+            return outs, flops
+        needs = self._needs or CacheNeeds()
+        residuals = {action.block_range: self._cached_list(("res", b, *action.block_range))} if action.kind is ActionKind.BLOCK else {}
+        attn = {g: self._cached_list(("attn", b, g)) for g in action.attn_blocks} if action.kind is ActionKind.ATTN else {}
+        outs, flops, new_res, new_attn = runner.run_graph(args, sig, action, residuals, attn, needs.ranges, needs.attn_blocks)
+        for rng, values in new_res.items():
+            self._put_list(("res", b, *rng), values)
+        for g, values in new_attn.items():
+            self._put_list(("attn", b, g), values)
+        self._record_outputs(b, outs, computed=True)
+        self._computed_this_step.add(b)
+        return outs, flops
+
+    def _record_outputs(self, branch: str, outs: list[Any], computed: bool) -> None:
+        """Keep this branch's output (for STEP and CFG reuse); on computed calls, refresh the
+        CFG difference from the two branches of one step (never from a rebuilt branch)."""
+        needs = self._needs or CacheNeeds()
+        if not (needs.outputs or needs.cfg_delta):
+            return
+        self._put_list(("out", branch), outs)
+        if not (needs.cfg_delta and computed):
+            return
+        if branch == "uncond" and "cond" in self._computed_this_step:
+            cond = self._cached_list(("out", "cond"))
+            self._put_list(("delta",), [u - c for u, c in zip(outs, cond) if isinstance(u, torch.Tensor)])
+        elif branch == "batch":
+            part = self.batch_order.index("cond")
+            deltas = []
+            for o in outs:
+                if isinstance(o, torch.Tensor):
+                    halves = o.chunk(2, dim=0)
+                    deltas.append(halves[1 - part] - halves[part])
+            self._put_list(("delta",), deltas)
+
+    def _rebuild_uncond(self, cond: Any, i: int) -> Any:
+        """Default CFG rebuild: ``eps_u = eps_c + (eps_u - eps_c)`` from the last step that computed both.
+        Policies with another rule (FasterCache's frequency split) provide ``rebuild_uncond``."""
+        if not isinstance(cond, torch.Tensor):
+            return cond
+        delta = self._store.get(("delta", i))
+        custom = getattr(self.policy, "rebuild_uncond", None)
+        return custom(cond, delta) if custom else cond + delta
+
+    def _cached_outputs(self, branch: str) -> list[Any]:
+        # A clone, so a caller that modifies what it is returned cannot corrupt the cache.
+        return [t.clone() for t in self._cached_list(("out", branch))]
+
+    def _cached_list(self, prefix: tuple) -> list[torch.Tensor]:
+        values, i = [], 0
+        while (t := self._store.get((*prefix, i))) is not None:
+            values.append(t)
+            i += 1
+        return values
+
+    def _put_list(self, prefix: tuple, values: list[Any]) -> None:
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                self._store.put((*prefix, i), v)
+
+    def _account(self, runner: Any, args: Sequence[Any], sig: tuple, pos: CallPosition, requested: Action, action: Action, reason: str | None, flops: int) -> None:
+        if action.kind is ActionKind.FULL and sig not in runner._full_flops:
+            runner._full_flops[sig] = flops
+        self._calls += 1
+        self._flops_run += flops
+        self._flops_full += runner.full_flops(args, sig)
+        self._actions[action.kind.value] += 1
+        if reason:
+            self._fallbacks[reason] += 1
+            if requested.kind is not ActionKind.FULL:
+                log.info("step %s %s: %s -> FULL (%s)", pos.step, pos.branch, requested, reason)
+        self.trace.append(TraceEntry(self.generation, pos.step, pos.branch, str(action), str(requested), reason))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"mixcache: {message}", stacklevel=3)
