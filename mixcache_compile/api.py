@@ -73,12 +73,22 @@ def _wire_cache_context(model: torch.nn.Module, session: CacheSession, pipe: Any
     def cache_context(name: str, **kwargs: Any) -> Iterator[None]:
         batched = None
         if name in _BATCHED_CONTEXT_NAMES:
-            batched = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            batched = _pipeline_does_cfg(pipe)
         with session.context(name, kwargs.get("step_index"), kwargs.get("num_inference_steps"), batched):
             with original(name, **kwargs):
                 yield
 
     model.cache_context = cache_context
+
+
+def _pipeline_does_cfg(pipe: Any) -> bool:
+    """Whether a batch-concatenating pipeline is running CFG now (its guidance scale > 1).
+    Pipelines expose it as ``do_classifier_free_guidance`` or only keep ``_guidance_scale``."""
+    flag = getattr(pipe, "do_classifier_free_guidance", None)
+    if isinstance(flag, bool):
+        return flag
+    scale = getattr(pipe, "_guidance_scale", None)
+    return isinstance(scale, (int, float)) and scale > 1.0
 
 
 def _mark_batch_dynamic(session: CacheSession) -> Any:

@@ -58,10 +58,19 @@ def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and getattr(reason, "graph_break", False):
         return "the graph ends at a graph break (compile with fullgraph=True)"
-    code = getattr(gm, "_mixcache_code_name", "")
-    if code.startswith("torch_dynamo_resume_in_"):
+    if _traced_code_name().startswith("torch_dynamo_resume_in_"):
         return "the graph resumes after a graph break (compile with fullgraph=True)"
     return None
+
+
+def _traced_code_name() -> str:
+    """Name of the function Dynamo is tracing (resume functions after a break have a telltale name)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().f_code.co_name
+    except Exception:  # not inside a Dynamo trace (a direct call of the backend)
+        return ""
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:
