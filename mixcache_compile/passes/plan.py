@@ -57,6 +57,7 @@ class StagePlan:
     epilogue: StageGraph
     chain_names: list[str]
     range_reusable: list[bool]
+    modulation_slot: int | None = None  # prologue output fed to block 0 that the timestep drives
 
     def blocks(self) -> list[BlockStage]:
         return [b for chain in self.chains for b in chain]
@@ -107,6 +108,7 @@ def plan_stages(gm: fx.GraphModule, repeated_blocks: list[str] | None = None) ->
         blocks, ok = _plan_chain(gm, c, chain, by_segment, io_of, make_stage, slot)
         planned_chains.append(blocks)
         reusable.append(ok)
+    modulation = _modulation_slot(gm, prologue, planned_chains, slot)
     out_args = output_node.args[0]
     flat = list(out_args) if isinstance(out_args, (tuple, list)) else [out_args]
     return StagePlan(
@@ -120,7 +122,28 @@ def plan_stages(gm: fx.GraphModule, repeated_blocks: list[str] | None = None) ->
         epilogue=epilogue,
         chain_names=[c.list_path for c in chains],
         range_reusable=reusable,
+        modulation_slot=modulation,
     )
+
+
+def _modulation_slot(gm: fx.GraphModule, prologue: StageGraph, chains: list[list[BlockStage]], slot) -> int | None:
+    """The first tensor the prologue hands to block 0, other than its streams, that depends on
+    a ``timestep`` input: the time-modulation signal TeaCache-style indicators watch."""
+    if not chains or not chains[0]:
+        return None
+    nodes = list(gm.graph.nodes)
+    driven: set[fx.Node] = {n for n in nodes if n.op == "placeholder" and "timestep" in n.name}
+    for node in nodes:
+        if node.op != "placeholder" and any(a in driven for a in node.all_input_nodes):
+            driven.add(node)
+    block0 = chains[0][0]
+    produced = set(prologue.outputs)
+    for s in block0.stage.inputs:
+        node = nodes[s]
+        value = node.meta.get("example_value")
+        if s in produced and s not in block0.stream_in and node in driven and isinstance(value, torch.Tensor) and value.is_floating_point():
+            return s
+    return None
 
 
 def _plan_chain(gm, c, chain: BlockChain, by_segment, io_of, make_stage, slot) -> tuple[list[BlockStage], bool]:

@@ -6,10 +6,33 @@ import inspect
 from typing import Any
 
 from .none import NonePolicy
-from .protocol import CFG, FULL, STEP, Action, ActionKind, CacheNeeds, ModelInfo, Observation, Policy
+from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Policy, Probe
 from .static import StaticPolicy
 
-POLICIES: dict[str, type] = {"none": NonePolicy, "static": StaticPolicy}
+POLICIES: dict[str, type | str] = {
+    "none": NonePolicy,
+    "static": StaticPolicy,
+    # Imported on first use ("module:Class"), so one policy's import never breaks another's.
+    "fastercache": "fastercache:FasterCachePolicy",
+    "mixcache": "mixcache:MixCachePolicy",
+    "fbcache": "fbcache:FBCachePolicy",
+    "dbcache": "fbcache:DBCachePolicy",
+    "teacache": "teacache:TeaCachePolicy",
+    "pab": "pab:PABPolicy",
+}
+
+
+def _policy_class(name: str) -> type:
+    entry = POLICIES[name]
+    if isinstance(entry, str):
+        import importlib
+
+        module, _, cls = entry.partition(":")
+        try:
+            entry = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"policy {name!r} is not available in this build ({err})") from None
+    return entry
 
 
 def make_policy(policy: str | Policy, **options: Any) -> Policy:
@@ -22,7 +45,7 @@ def make_policy(policy: str | Policy, **options: Any) -> Policy:
         return policy
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(sorted(POLICIES))}")
-    cls = POLICIES[policy]
+    cls = _policy_class(policy)
     valid = [p for p in inspect.signature(cls).parameters if p != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
@@ -32,5 +55,5 @@ def make_policy(policy: str | Policy, **options: Any) -> Policy:
 
 __all__ = [
     "Action", "ActionKind", "CacheNeeds", "ModelInfo", "Observation", "Policy",
-    "FULL", "STEP", "CFG", "POLICIES", "make_policy",
+    "FULL", "STEP", "CFG", "PROBE", "Probe", "CallReport", "POLICIES", "make_policy",
 ]

@@ -20,6 +20,7 @@ class ActionKind(str, enum.Enum):
     CFG = "CFG"  # compute the conditional branch only, rebuild the unconditional one
     BLOCK = "BLOCK"  # skip blocks [start, stop), reuse their cached residual
     ATTN = "ATTN"  # reuse the cached self-attention output of the given blocks
+    PROBE = "PROBE"  # run the policy's probe (``CacheNeeds.probe``), then ask ``after_probe``
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Action:
 
 
 FULL = Action(ActionKind.FULL)
+PROBE = Action(ActionKind.PROBE)
 STEP = Action(ActionKind.STEP)
 CFG = Action(ActionKind.CFG)
 
@@ -79,14 +81,47 @@ class ModelInfo:
     half_batch_available: bool
 
 
+@dataclass(frozen=True)
+class Probe:
+    """An indicator computed inside a stage graph, fetched once, handed to ``after_probe``.
+
+    ``kind="blocks"``: rel-L1 change of the residual of the first ``blocks`` blocks (hidden
+    stream) against the stored previous one (first-block / DB cache). ``kind="prologue"``:
+    rel-L1 change of the timestep-modulation input the prologue hands to the blocks (TeaCache).
+    ``update``: replace the stored previous value on every probe ("always") or only when the
+    call then computes ("on_compute"). Before any previous value exists the indicator is inf.
+    """
+
+    kind: str
+    blocks: int = 1
+    update: str = "always"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("blocks", "prologue"):
+            raise ValueError(f"probe kind must be 'blocks' or 'prologue', got {self.kind!r}")
+        if self.update not in ("always", "on_compute"):
+            raise ValueError(f"probe update must be 'always' or 'on_compute', got {self.update!r}")
+        if self.blocks < 1:
+            raise ValueError(f"probe blocks must be >= 1, got {self.blocks}")
+
+
 @dataclass
 class CacheNeeds:
-    """What the runtime must record on computed calls so the policy's actions can run."""
+    """What the runtime must record on computed calls so the policy's actions can run.
+
+    ``history=2`` keeps the previous computed output / attention output too (extrapolation).
+    ``deviations=True`` reports, after each computed call, the rel-L1 change of each freshly
+    recorded tensor against its previous fresh copy ("step": output, "cfg": CFG difference,
+    "block:a-b": residual), fetched from the device once per call.
+    """
 
     outputs: bool = False
     cfg_delta: bool = False
     ranges: set[tuple[int, int]] = field(default_factory=set)
     attn_blocks: set[int] = field(default_factory=set)
+    history: int = 1
+    probe: Probe | None = None
+    deviations: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,8 +136,26 @@ class Observation:
     computed_this_step: frozenset[str]  # branches already computed (not reused) at this step
 
 
+@dataclass(frozen=True)
+class CallReport:
+    """What happened on a call, handed to ``policy.observe`` if the policy has it."""
+
+    step: int | None
+    branch: str
+    action: Action
+    fallback: str | None
+    indicator: float | None
+    deviations: dict[str, float]
+
+
 @runtime_checkable
 class Policy(Protocol):
+    """Required: ``name``, ``needs``, ``decide``, ``reset``. Optional hooks the runtime calls
+    when present: ``after_probe(obs, indicator) -> Action``; ``observe(report)``;
+    ``reuse_output(current, previous, obs) -> list``; ``reuse_attention(block, current,
+    previous, obs) -> list``; ``rebuild_uncond(cond, delta, obs) -> Tensor``. ``previous`` is
+    None until two computed values exist (or with ``history=1``)."""
+
     name: str
 
     def needs(self, model: ModelInfo) -> CacheNeeds: ...

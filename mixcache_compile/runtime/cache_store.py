@@ -36,6 +36,20 @@ class CacheStore:
     def has(self, key: Hashable) -> bool:
         return key in self._valid
 
+    def rotate(self, current: Hashable, previous: Hashable) -> None:
+        """Make ``current`` the ``previous`` value without copying (buffers swap roles), so
+        the next ``put(current, ...)`` writes into the old previous buffer."""
+        cur_buf, prev_buf = self._buffers.pop(current, None), self._buffers.pop(previous, None)
+        cur_ok, prev_ok = current in self._valid, previous in self._valid
+        self._valid.discard(current)
+        self._valid.discard(previous)
+        if cur_buf is not None:
+            self._buffers[previous] = cur_buf
+            if cur_ok:
+                self._valid.add(previous)
+        if prev_buf is not None:
+            self._buffers[current] = prev_buf
+
     def invalidate(self, key: Hashable) -> None:
         self._valid.discard(key)
 

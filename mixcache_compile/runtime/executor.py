@@ -9,17 +9,31 @@ that takes it as an input.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..engines.base import Engine
+from ..passes.indicator import with_residual_indicator, with_value_indicator
 from ..passes.plan import BlockStage, StagePlan, range_ok
 from ..passes.stage_graph import StageGraph
 from ..policies.protocol import Action, ActionKind, ModelInfo
 from .flops import count_flops
 from .inputs import InputInfo
+
+
+@dataclass
+class ProbeRun:
+    """A probe for one call: where, the stored previous value, and who decides after it.
+    ``decide(indicator, value)`` gets the in-graph indicator (a 0-dim tensor) and the new
+    value it was computed from, and returns the action to continue with."""
+
+    kind: str
+    blocks: int
+    previous: torch.Tensor | None
+    decide: Callable[[torch.Tensor, torch.Tensor], Action]
 
 
 class StageRunner:
@@ -47,6 +61,55 @@ class StageRunner:
         )
         self._resolved: dict[tuple, tuple[Any, int]] = {}
         self._full_flops: dict[tuple, int] = {}
+        self._probe_variants: dict[tuple, StageGraph] = {}
+
+    def probe_available(self, kind: str, blocks: int) -> str | None:
+        """Why a probe cannot run on this model, or None."""
+        if kind == "prologue":
+            return None if self.plan.modulation_slot is not None else "no timestep-driven prologue output to watch"
+        chain0 = self.chain_bounds[0]
+        if not (1 <= blocks <= chain0[1] - 1):
+            return f"probe over {blocks} first blocks needs 1 <= blocks < {chain0[1]} (first chain)"
+        last = self.blocks[blocks - 1]
+        return None if any(j == 0 for j, _ in last.stream_map) else "the first blocks' hidden stream does not pair"
+
+    def _probe_variant(self, kind: str, blocks: int) -> StageGraph:
+        key = (kind, blocks)
+        if key not in self._probe_variants:
+            if kind == "prologue":
+                base = self.plan.prologue
+                gm = with_value_indicator(base.gm, base.outputs.index(self.plan.modulation_slot))
+            else:
+                base = self.blocks[blocks - 1].stage
+                dst = dict(self.blocks[blocks - 1].stream_map)[0]
+                gm = with_residual_indicator(base.gm, base.outputs.index(dst))
+            self._probe_variants[key] = StageGraph(f"{base.name}.probe", gm, list(base.inputs), list(base.outputs))
+        return self._probe_variants[key]
+
+    def _run_probe(self, probe: ProbeRun, stage: StageGraph, env: list[Any], sig: tuple) -> tuple[Action, int]:
+        """Run ``stage`` (the prologue, or block ``probe.blocks - 1``) as its indicator variant,
+        fill its outputs, and return the action ``probe.decide`` picks plus the FLOPs run.
+        Without a previous value the plain stage runs and the indicator is +inf."""
+        h_in = env[self.blocks[0].stream_in[0]] if probe.kind == "blocks" else None
+        if probe.previous is None:
+            _, flops = self._stage(stage, env, sig)
+            if probe.kind == "blocks":
+                value = env[dict(self.blocks[probe.blocks - 1].stream_map)[0]] - h_in
+            else:
+                value = env[self.plan.modulation_slot]
+            return probe.decide(torch.tensor(float("inf")), value), flops
+        variant = self._probe_variant(probe.kind, probe.blocks)
+        args = [env[i] for i in variant.inputs] + ([h_in] if h_in is not None else []) + [probe.previous]
+        key = (variant.name, sig)
+        if key not in self._resolved:
+            self._resolved[key] = (self.engine.get(variant, args), count_flops(variant, args))
+        fn, flops = self._resolved[key]
+        outs = fn(*args)
+        n = len(variant.outputs)
+        for slot, value in zip(variant.outputs, outs[:n]):
+            env[slot] = value
+        value = outs[n] if probe.kind == "blocks" else env[self.plan.modulation_slot]
+        return probe.decide(outs[-1], value), flops
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         return self.session._run_call(self, args)
@@ -70,17 +133,25 @@ class StageRunner:
         args: Sequence[Any],
         sig: tuple,
         action: Action,
-        residuals: dict[tuple[int, int], list[torch.Tensor]],
+        residuals: Callable[[tuple[int, int]], list[torch.Tensor]],
         cached_attn: dict[int, list[torch.Tensor]],
         record_ranges: set[tuple[int, int]],
         record_attn: set[int],
-    ) -> tuple[list[Any], int, dict, dict]:
+        probe: ProbeRun | None = None,
+    ) -> tuple[list[Any] | None, int, dict, dict]:
         """Run the graph with ``action`` (FULL, BLOCK or ATTN). Returns outputs, FLOPs run,
         the residuals of ``record_ranges`` and the attention outputs of ``record_attn``
-        computed on the way (only for ranges/blocks actually computed)."""
+        computed on the way (only for ranges/blocks actually computed). With a ``probe``, the
+        action is decided at the probe point; outputs are None if it decides STEP."""
         env: list[Any] = [None] * self.plan.num_slots
         env[: len(args)] = args
-        _, flops = self._stage(self.plan.prologue, env, sig)
+        if probe is not None and probe.kind == "prologue":
+            action, flops = self._run_probe(probe, self.plan.prologue, env, sig)
+            probe = None
+            if action.kind is ActionKind.STEP:
+                return None, flops, {}, {}
+        else:
+            _, flops = self._stage(self.plan.prologue, env, sig)
         skip = action.block_range if action.kind is ActionKind.BLOCK else None
         reuse_attn = set(action.attn_blocks) if action.kind is ActionKind.ATTN else set()
         range_inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
@@ -95,7 +166,7 @@ class StageRunner:
                 block = self.blocks[g]
                 if skip is not None and g == skip[0]:
                     last = self.blocks[skip[1] - 1]
-                    for (j, dst), res in zip(last.stream_map, residuals[skip]):
+                    for (j, dst), res in zip(last.stream_map, residuals(skip)):
                         env[dst] = env[block.stream_in[j]] + res
                     g = skip[1]
                     continue
@@ -108,6 +179,15 @@ class StageRunner:
                         env[slot] = cached_attn[g][j]
                     args_v = [env[i] for i in variant.inputs] + list(cached_attn[g])
                     flops += self._run_variant(variant, args_v, env, sig)
+                elif probe is not None and g == probe.blocks - 1:
+                    action, f = self._run_probe(probe, block.stage, env, sig)
+                    flops += f
+                    probe = None
+                    if action.kind is ActionKind.STEP:
+                        return None, flops, new_res, new_attn
+                    skip = action.block_range if action.kind is ActionKind.BLOCK else None
+                    if g in record_attn:
+                        new_attn[g] = [env[s] for s in block.attn_out]
                 else:
                     outs, f = self._stage(block.stage, env, sig)
                     flops += f

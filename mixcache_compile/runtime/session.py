@@ -13,15 +13,16 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..policies import make_policy
-from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, Observation, Policy
+from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
+from .executor import ProbeRun
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,20 @@ class TraceEntry:
     action: str
     requested: str
     fallback: str | None = None
+    indicator: float | None = None
+
+
+@dataclass
+class _Call:
+    """The decision state of the call in progress (a probe may change it mid-call)."""
+
+    pos: CallPosition
+    obs: Observation | None
+    requested: Action = FULL
+    action: Action = FULL
+    reason: str | None = None
+    indicator: float | None = None
+    deviations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class CacheSession:
@@ -154,7 +169,8 @@ class CacheSession:
     def _run_call(self, runner: Any, args: Sequence[Any]) -> tuple[Any, ...]:
         self._bind(runner)
         ctx = getattr(self._local, "ctx", None)
-        pos = self._tracker.resolve(ctx, runner.inputs.timestep_value(args) if not (ctx and ctx.step_index is not None) else None)
+        explicit_step = ctx is not None and ctx.step_index is not None
+        pos = self._tracker.resolve(ctx, None if explicit_step else runner.inputs.timestep_value(args))
         if pos.new_generation:
             self._new_generation()
         sig = runner.inputs.user_signature(args)
@@ -165,22 +181,16 @@ class CacheSession:
         if pos.step is not None and pos.step != getattr(self, "_step", None):
             self._computed_this_step = set()
         self._step = pos.step
-        requested, action, reason = self._decide(runner, pos)
-        outputs, flops = self._execute(runner, args, sig, pos, action)
-        self._account(runner, args, sig, pos, requested, action, reason, flops)
+        call = _Call(pos, self._observation(pos))
+        call.requested, call.action, call.reason = self._decide(runner, call)
+        outputs, flops = self._execute(runner, args, sig, call)
+        self._account(runner, args, sig, call, flops)
         return tuple(outputs)
 
-    def _new_generation(self) -> None:
-        self.generation += 1
-        self._store.clear()
-        self.policy.reset()
-        self._computed_this_step = set()
-
-    def _decide(self, runner: Any, pos: CallPosition) -> tuple[Action, Action, str | None]:
+    def _observation(self, pos: CallPosition) -> Observation | None:
         if pos.step is None:
-            self._warn_once("nostep", "no step context and no timestep input: every call computes in full")
-            return FULL, FULL, "no step information"
-        obs = Observation(
+            return None
+        return Observation(
             step=pos.step,
             num_steps=pos.num_steps,
             branch=pos.branch,
@@ -188,21 +198,41 @@ class CacheSession:
             generation=self.generation,
             computed_this_step=frozenset(self._computed_this_step),
         )
-        requested = self.policy.decide(obs)
+
+    def _new_generation(self) -> None:
+        self.generation += 1
+        self._store.clear()
+        self.policy.reset()
+        self._computed_this_step = set()
+
+    def _decide(self, runner: Any, call: _Call) -> tuple[Action, Action, str | None]:
+        if call.obs is None:
+            self._warn_once("nostep", "no step context and no timestep input: every call computes in full")
+            return FULL, FULL, "no step information"
+        requested = self.policy.decide(call.obs)
         if not isinstance(requested, Action):
             raise TypeError(f"policy {self.policy.name!r} returned {requested!r}, not an Action")
-        reason = self._unavailable(runner, pos, requested)
+        reason = self._unavailable(runner, call.pos, requested)
         return requested, (FULL if reason else requested), reason
 
-    def _unavailable(self, runner: Any, pos: CallPosition, action: Action) -> str | None:
+    def _unavailable(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None = None) -> str | None:
         """Why ``action`` cannot run now (then the call computes in full), or None."""
         store, b, info = self._store, pos.branch, runner.model_info
         kind = action.kind
         if kind is ActionKind.FULL:
             return None
+        if kind is ActionKind.PROBE:
+            probe = (self._needs or CacheNeeds()).probe
+            if after_probe is not None:
+                return "a probe cannot ask for another probe"
+            if probe is None:
+                return f"policy {self.policy.name!r} asked for a probe but declares none in needs()"
+            return runner.probe_available(probe.kind, probe.blocks)
         if kind is ActionKind.STEP:
             return None if store.has(("out", b, 0)) else "no cached output for this branch"
         if kind is ActionKind.CFG:
+            if after_probe is not None:
+                return "CFG reuse cannot follow a probe"
             if b == "cond":
                 return "CFG reuse applies to the unconditional branch"
             if not store.has(("delta", 0)):
@@ -214,8 +244,12 @@ class CacheSession:
             a, e = action.block_range
             if (a, e) not in info.reusable_ranges:
                 return f"blocks {a}-{e} cannot be skipped (not inside one chain {info.chain_bounds}, or their streams do not pair)"
+            if after_probe is not None and a < after_probe:
+                return f"blocks {a}-{e} start before the probe point {after_probe}"
             return None if store.has(("res", b, a, e, 0)) else f"no cached residual for blocks {a}-{e}"
         if kind is ActionKind.ATTN:
+            if after_probe is not None:
+                return "attention reuse cannot follow a probe"
             if not info.attention_reusable:
                 return "the model's blocks have no self-attention cut"
             if any(g >= info.num_blocks for g in action.attn_blocks):
@@ -224,72 +258,132 @@ class CacheSession:
             return f"no cached attention for blocks {missing}" if missing else None
         return f"unknown action {action}"
 
-    def _execute(self, runner: Any, args: Sequence[Any], sig: tuple, pos: CallPosition, action: Action) -> tuple[list[Any], int]:
-        store, b = self._store, pos.branch
+    # ---- execution -----------------------------------------------------------------------
+    def _execute(self, runner: Any, args: Sequence[Any], sig: tuple, call: _Call) -> tuple[list[Any], int]:
+        b, action = call.pos.branch, call.action
         if action.kind is ActionKind.STEP:
-            return self._cached_outputs(b), 0
+            return self._reused_outputs(b, call.obs), 0
         if action.kind is ActionKind.CFG and b == "uncond":
-            outs = [self._rebuild_uncond(c, i) for i, c in enumerate(self._cached_list(("out", "cond")))]
-            self._record_outputs(b, outs, computed=False)
+            outs = [self._rebuild_uncond(c, i, call.obs) for i, c in enumerate(self._cached_list(("out", "cond")))]
+            self._record_outputs(b, outs, computed=False, call=call)
             return outs, 0
         if action.kind is ActionKind.CFG:  # batched: compute the cond half only
             part = self.batch_order.index("cond")
             half = runner.inputs.half_batch_args(args, part)
-            cond, flops, _, _ = runner.run_graph(half, sig + ("half",), FULL, {}, {}, set(), set())
+            cond, flops, _, _ = runner.run_graph(half, sig + ("half",), FULL, self._residuals_of(b), {}, set(), set())
             outs = []
             for i, c in enumerate(cond):
                 if not isinstance(c, torch.Tensor):
                     outs.append(c)
                     continue
-                u = self._rebuild_uncond(c, i)
+                u = self._rebuild_uncond(c, i, call.obs)
                 outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
-            self._record_outputs(b, outs, computed=False)
+            self._record_outputs(b, outs, computed=False, call=call)
             return outs, flops
         needs = self._needs or CacheNeeds()
-        residuals = {action.block_range: self._cached_list(("res", b, *action.block_range))} if action.kind is ActionKind.BLOCK else {}
-        attn = {g: self._cached_list(("attn", b, g)) for g in action.attn_blocks} if action.kind is ActionKind.ATTN else {}
-        outs, flops, new_res, new_attn = runner.run_graph(args, sig, action, residuals, attn, needs.ranges, needs.attn_blocks)
+        attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks} if action.kind is ActionKind.ATTN else {}
+        probe = self._probe_run(runner, call) if action.kind is ActionKind.PROBE else None
+        outs, flops, new_res, new_attn = runner.run_graph(
+            args, sig, FULL if probe else action, self._residuals_of(b), attn, needs.ranges, needs.attn_blocks, probe
+        )
         for rng, values in new_res.items():
+            self._deviation(call, f"block:{rng[0]}-{rng[1]}", values[0], ("res", b, *rng, 0))
             self._put_list(("res", b, *rng), values)
         for g, values in new_attn.items():
+            if needs.history >= 2:
+                for i in range(len(values)):
+                    self._store.rotate(("attn", b, g, i), ("attn_prev", b, g, i))
             self._put_list(("attn", b, g), values)
-        self._record_outputs(b, outs, computed=True)
+        if outs is None:  # a probe decided to reuse the whole call
+            return self._reused_outputs(b, call.obs), flops
+        self._record_outputs(b, outs, computed=True, call=call)
         self._computed_this_step.add(b)
         return outs, flops
 
-    def _record_outputs(self, branch: str, outs: list[Any], computed: bool) -> None:
+    def _probe_run(self, runner: Any, call: _Call) -> ProbeRun:
+        probe = self._needs.probe
+        key = ("probe", call.pos.branch)
+
+        def decide(indicator: torch.Tensor, value: torch.Tensor) -> Action:
+            call.indicator = float(indicator)  # the one device fetch of this decision
+            requested = self.policy.after_probe(call.obs, call.indicator)
+            if not isinstance(requested, Action):
+                raise TypeError(f"policy {self.policy.name!r} after_probe returned {requested!r}, not an Action")
+            limit = probe.blocks if probe.kind == "blocks" else 0
+            reason = self._unavailable(runner, call.pos, requested, after_probe=limit)
+            call.requested, call.action, call.reason = requested, (FULL if reason else requested), reason
+            if probe.update == "always" or call.action.kind is ActionKind.FULL:
+                self._store.put(key, value)
+            return call.action
+
+        return ProbeRun(probe.kind, probe.blocks, self._store.get(key), decide)
+
+    def _residuals_of(self, branch: str) -> Any:
+        return lambda rng: self._cached_list(("res", branch, *rng))
+
+    def _attention_for(self, branch: str, block: int, obs: Observation | None) -> list[torch.Tensor]:
+        current = self._cached_list(("attn", branch, block))
+        hook = getattr(self.policy, "reuse_attention", None)
+        if hook is None:
+            return current
+        previous = self._cached_list(("attn_prev", branch, block)) or None
+        return list(hook(block, current, previous, obs))
+
+    def _reused_outputs(self, branch: str, obs: Observation | None) -> list[Any]:
+        hook = getattr(self.policy, "reuse_output", None)
+        needs = self._needs or CacheNeeds()
+        if hook is not None and needs.history >= 2:
+            current = self._cached_list(("fresh", branch)) or self._cached_list(("out", branch))
+            previous = self._cached_list(("fresh_prev", branch)) or None
+            return list(hook(current, previous, obs))
+        # A clone, so a caller that modifies what it is returned cannot corrupt the cache.
+        return [t.clone() for t in self._cached_list(("out", branch))]
+
+    def _record_outputs(self, branch: str, outs: list[Any], computed: bool, call: _Call) -> None:
         """Keep this branch's output (for STEP and CFG reuse); on computed calls, refresh the
         CFG difference from the two branches of one step (never from a rebuilt branch)."""
         needs = self._needs or CacheNeeds()
-        if not (needs.outputs or needs.cfg_delta):
+        if not (needs.outputs or needs.cfg_delta or needs.deviations):
             return
+        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+        if computed and tensors:
+            self._deviation(call, "step", tensors[0], ("fresh" if needs.history >= 2 else "out", branch, 0))
         self._put_list(("out", branch), outs)
+        if computed and needs.history >= 2:
+            for i in range(len(tensors)):
+                self._store.rotate(("fresh", branch, i), ("fresh_prev", branch, i))
+            self._put_list(("fresh", branch), outs)
         if not (needs.cfg_delta and computed):
             return
         if branch == "uncond" and "cond" in self._computed_this_step:
             cond = self._cached_list(("out", "cond"))
-            self._put_list(("delta",), [u - c for u, c in zip(outs, cond) if isinstance(u, torch.Tensor)])
+            deltas = [u - c for u, c in zip(tensors, cond)]
         elif branch == "batch":
             part = self.batch_order.index("cond")
-            deltas = []
-            for o in outs:
-                if isinstance(o, torch.Tensor):
-                    halves = o.chunk(2, dim=0)
-                    deltas.append(halves[1 - part] - halves[part])
-            self._put_list(("delta",), deltas)
+            deltas = [halves[1 - part] - halves[part] for halves in (o.chunk(2, dim=0) for o in tensors)]
+        else:
+            return
+        if deltas:
+            self._deviation(call, "cfg", deltas[0], ("delta", 0))
+        self._put_list(("delta",), deltas)
 
-    def _rebuild_uncond(self, cond: Any, i: int) -> Any:
+    def _deviation(self, call: _Call, name: str, new: torch.Tensor, old_key: tuple) -> None:
+        """rel-L1 of a freshly recorded tensor against its previous fresh copy (kept on the
+        device; all of a call's deviations are fetched together once in ``_account``)."""
+        if not (self._needs and self._needs.deviations):
+            return
+        old = self._store.get(old_key)
+        if old is not None and old.shape == new.shape:
+            call.deviations[name] = (new - old).abs().mean() / (old.abs().mean() + 1e-12)
+
+    def _rebuild_uncond(self, cond: Any, i: int, obs: Observation | None) -> Any:
         """Default CFG rebuild: ``eps_u = eps_c + (eps_u - eps_c)`` from the last step that computed both.
         Policies with another rule (FasterCache's frequency split) provide ``rebuild_uncond``."""
         if not isinstance(cond, torch.Tensor):
             return cond
         delta = self._store.get(("delta", i))
         custom = getattr(self.policy, "rebuild_uncond", None)
-        return custom(cond, delta) if custom else cond + delta
-
-    def _cached_outputs(self, branch: str) -> list[Any]:
-        # A clone, so a caller that modifies what it is returned cannot corrupt the cache.
-        return [t.clone() for t in self._cached_list(("out", branch))]
+        return custom(cond, delta, obs) if custom else cond + delta
 
     def _cached_list(self, prefix: tuple) -> list[torch.Tensor]:
         values, i = [], 0
@@ -299,12 +393,12 @@ class CacheSession:
         return values
 
     def _put_list(self, prefix: tuple, values: list[Any]) -> None:
-        for i, v in enumerate(values):
-            if isinstance(v, torch.Tensor):
-                self._store.put((*prefix, i), v)
+        for i, v in enumerate(v for v in values if isinstance(v, torch.Tensor)):
+            self._store.put((*prefix, i), v)
 
-    def _account(self, runner: Any, args: Sequence[Any], sig: tuple, pos: CallPosition, requested: Action, action: Action, reason: str | None, flops: int) -> None:
-        if action.kind is ActionKind.FULL and sig not in runner._full_flops:
+    def _account(self, runner: Any, args: Sequence[Any], sig: tuple, call: _Call, flops: int) -> None:
+        action, requested, reason = call.action, call.requested, call.reason
+        if action.kind is ActionKind.FULL and call.indicator is None and sig not in runner._full_flops:
             runner._full_flops[sig] = flops
         self._calls += 1
         self._flops_run += flops
@@ -313,8 +407,14 @@ class CacheSession:
         if reason:
             self._fallbacks[reason] += 1
             if requested.kind is not ActionKind.FULL:
-                log.info("step %s %s: %s -> FULL (%s)", pos.step, pos.branch, requested, reason)
-        self.trace.append(TraceEntry(self.generation, pos.step, pos.branch, str(action), str(requested), reason))
+                log.info("step %s %s: %s -> FULL (%s)", call.pos.step, call.pos.branch, requested, reason)
+        pos = call.pos
+        self.trace.append(TraceEntry(self.generation, pos.step, pos.branch, str(action), str(requested), reason, call.indicator))
+        observe = getattr(self.policy, "observe", None)
+        if observe is not None:
+            names = list(call.deviations)
+            values = torch.stack([call.deviations[n].float() for n in names]).tolist() if names else []
+            observe(CallReport(pos.step, pos.branch, action, reason, call.indicator, dict(zip(names, values))))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
