@@ -1,0 +1,56 @@
+"""The ``mixcache`` command: ``demo`` and ``bench`` (more subcommands arrive with their issues)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="mixcache-compile: cached diffusion-transformer inference as a torch.compile backend.",
+                  no_args_is_help=True, add_completion=False)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"policy option {pair!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+@app.command()
+def demo(
+    prompt: Annotated[str, typer.Option(help="what to draw: '<colour> <shape> moving <direction>'")] = "red circle moving left",
+    policy: Annotated[Optional[str], typer.Option(help="caching policy (default: mixcache)")] = None,
+    engine: Annotated[str, typer.Option(help="eager (starts at once) or inductor (~1 min compile)")] = "eager",
+    steps: int = 30,
+    guidance: float = 5.0,
+    seed: int = 0,
+    repeats: Annotated[int, typer.Option(help="timed repetitions (median)")] = 3,
+    out: Path = Path("out/demo"),
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="policy option KEY=VALUE (JSON value)")] = None,
+) -> None:
+    """Generate one video with the shipped model, uncached and cached; write GIFs and a timeline."""
+    from .eval.demo import run_demo, summary
+
+    result = run_demo(prompt, policy, engine, steps, guidance, seed, repeats, out, _parse_options(option or []))
+    typer.echo(summary(result))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context) -> None:
+    """Side-by-side benchmark of this project's policies and the peers (see docs/bench.md)."""
+    from .eval.bench import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+if __name__ == "__main__":
+    app()
