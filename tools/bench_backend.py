@@ -65,7 +65,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer layers/steps/repeats (smoke run)")
     parser.add_argument("--out", default="out/bench_backend.json")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: least sensitive to other load on the machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.layers, args.steps, args.repeats = 4, 6, 2
     model, latents, cond, uncond = bench_model(args.layers)
@@ -82,7 +85,7 @@ def main() -> None:
         print(f"compile: inductor {results['compile_s_inductor']:.1f}s, mixcache {results['compile_s_mixcache']:.1f}s", flush=True)
 
         calls = interleaved_medians({"inductor": lambda: plain(**call), "mixcache_none": lambda: ours(**call)},
-                                    repeats=args.repeats * 10, warmup=3)
+                                    repeats=args.repeats * 20, warmup=3)
         results["call_s_inductor"], results["call_s_mixcache_none"] = calls["inductor"], calls["mixcache_none"]
         results["overhead_ratio"] = calls["mixcache_none"] / calls["inductor"]
 
@@ -98,7 +101,9 @@ def main() -> None:
             fns[name]()  # compile this policy's variants outside the timed runs
         for session in [none_session, *schedules.values()]:
             session.reset_stats()
-        gens = interleaved_medians(fns, repeats=args.repeats, warmup=0)
+        gens = interleaved_medians(fns, repeats=args.repeats, warmup=1)
+        results.update({f"gen_s_{k}": v for k, v in gens.items()})
+        print({k: round(v, 3) for k, v in gens.items()}, flush=True)
         for name, session in schedules.items():
             fraction = session.stats()["computed_fraction"]
             speedup = gens["none"] / gens[name]
