@@ -62,6 +62,12 @@ class StageRunner:
         self._resolved: dict[tuple, tuple[Any, int]] = {}
         self._full_flops: dict[tuple, int] = {}
         self._probe_variants: dict[tuple, StageGraph] = {}
+        self._signature_ids: dict[tuple, int] = {}
+
+    def intern(self, signature: tuple) -> int:
+        """A small int for a call signature, so the per-stage lookups of the hot path hash an
+        int instead of a nested tuple of shapes."""
+        return self._signature_ids.setdefault(signature, len(self._signature_ids))
 
     def probe_available(self, kind: str, blocks: int) -> str | None:
         """Why a probe cannot run on this model, or None."""
@@ -86,7 +92,7 @@ class StageRunner:
             self._probe_variants[key] = StageGraph(f"{base.name}.probe", gm, list(base.inputs), list(base.outputs))
         return self._probe_variants[key]
 
-    def _run_probe(self, probe: ProbeRun, stage: StageGraph, env: list[Any], sig: tuple) -> tuple[Action, int]:
+    def _run_probe(self, probe: ProbeRun, stage: StageGraph, env: list[Any], sig: int) -> tuple[Action, int]:
         """Run ``stage`` (the prologue, or block ``probe.blocks - 1``) as its indicator variant,
         fill its outputs, and return the action ``probe.decide`` picks plus the FLOPs run.
         Without a previous value the plain stage runs and the indicator is +inf."""
@@ -115,7 +121,7 @@ class StageRunner:
         return self.session._run_call(self, args)
 
     # ---- stage execution -------------------------------------------------------------
-    def _stage(self, stage: StageGraph, env: list[Any], sig: tuple) -> tuple[tuple[Any, ...], int]:
+    def _stage(self, stage: StageGraph, env: list[Any], sig: int) -> tuple[tuple[Any, ...], int]:
         args = [env[i] for i in stage.inputs]
         key = (stage.name, sig)
         hit = self._resolved.get(key)
@@ -131,7 +137,7 @@ class StageRunner:
     def run_graph(
         self,
         args: Sequence[Any],
-        sig: tuple,
+        sig: int,
         action: Action,
         residuals: Callable[[tuple[int, int]], list[torch.Tensor]],
         cached_attn: dict[int, list[torch.Tensor]],
@@ -201,7 +207,7 @@ class StageRunner:
         outputs = [env[s] if is_slot else s for s, is_slot in zip(self.plan.output_spec, self.plan.output_is_slot)]
         return outputs, flops, new_res, new_attn
 
-    def _run_variant(self, variant: StageGraph, args: list[Any], env: list[Any], sig: tuple) -> int:
+    def _run_variant(self, variant: StageGraph, args: list[Any], env: list[Any], sig: int) -> int:
         key = (variant.name, sig)
         hit = self._resolved.get(key)
         if hit is None:
@@ -212,7 +218,7 @@ class StageRunner:
             env[slot] = value
         return flops
 
-    def full_flops(self, args: Sequence[Any], sig: tuple) -> int:
+    def full_flops(self, args: Sequence[Any], sig: int) -> int:
         """FLOPs of computing this call in full (the denominator of ``computed_fraction``)."""
         if sig not in self._full_flops:
             env: list[Any] = [None] * self.plan.num_slots

@@ -183,8 +183,9 @@ class CacheSession:
         self._step = pos.step
         call = _Call(pos, self._observation(pos))
         call.requested, call.action, call.reason = self._decide(runner, call)
-        outputs, flops = self._execute(runner, args, sig, call)
-        self._account(runner, args, sig, call, flops)
+        sig_id = runner.intern(sig)
+        outputs, flops = self._execute(runner, args, sig_id, call)
+        self._account(runner, args, sig_id, call, flops)
         return tuple(outputs)
 
     def _observation(self, pos: CallPosition) -> Observation | None:
@@ -259,7 +260,7 @@ class CacheSession:
         return f"unknown action {action}"
 
     # ---- execution -----------------------------------------------------------------------
-    def _execute(self, runner: Any, args: Sequence[Any], sig: tuple, call: _Call) -> tuple[list[Any], int]:
+    def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: _Call) -> tuple[list[Any], int]:
         b, action = call.pos.branch, call.action
         if action.kind is ActionKind.STEP:
             return self._reused_outputs(b, call.obs), 0
@@ -270,7 +271,7 @@ class CacheSession:
         if action.kind is ActionKind.CFG:  # batched: compute the cond half only
             part = self.batch_order.index("cond")
             half = runner.inputs.half_batch_args(args, part)
-            cond, flops, _, _ = runner.run_graph(half, sig + ("half",), FULL, self._residuals_of(b), {}, set(), set())
+            cond, flops, _, _ = runner.run_graph(half, runner.intern(runner.inputs.user_signature(half)), FULL, self._residuals_of(b), {}, set(), set())
             outs = []
             for i, c in enumerate(cond):
                 if not isinstance(c, torch.Tensor):
@@ -396,7 +397,7 @@ class CacheSession:
         for i, v in enumerate(v for v in values if isinstance(v, torch.Tensor)):
             self._store.put((*prefix, i), v)
 
-    def _account(self, runner: Any, args: Sequence[Any], sig: tuple, call: _Call, flops: int) -> None:
+    def _account(self, runner: Any, args: Sequence[Any], sig: int, call: _Call, flops: int) -> None:
         action, requested, reason = call.action, call.requested, call.reason
         if action.kind is ActionKind.FULL and call.indicator is None and sig not in runner._full_flops:
             runner._full_flops[sig] = flops
