@@ -100,4 +100,6 @@ def mixcache_backend(
         "mixcache: planned %d block(s) in %d chain(s), range reuse %s, engine %s",
         sum(len(c) for c in plan.chains), len(plan.chains), plan.range_reusable, opts.engine.name,
     )
-    return StageRunner(plan, opts.engine, inputs, opts.session)
+    # Recompiles of one model see the same Parameter objects; another model does not.
+    model_key = hash(tuple(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter)))
+    return StageRunner(plan, opts.engine, inputs, opts.session, model_key)

@@ -39,8 +39,9 @@ class ProbeRun:
 class StageRunner:
     """Runs one planned graph under a session. Holds no cache state itself (the session does)."""
 
-    def __init__(self, plan: StagePlan, engine: Engine, inputs: InputInfo, session: Any) -> None:
+    def __init__(self, plan: StagePlan, engine: Engine, inputs: InputInfo, session: Any, model_key: int = 0) -> None:
         self.plan = plan
+        self.model_key = model_key  # identity of the model's parameters: one session, one model
         self.engine = engine
         self.inputs = inputs
         self.session = session
@@ -108,7 +109,7 @@ class StageRunner:
         args = [env[i] for i in variant.inputs] + ([h_in] if h_in is not None else []) + [probe.previous]
         key = (variant.name, sig)
         if key not in self._resolved:
-            self._resolved[key] = (self.engine.get(variant, args), count_flops(variant, args))
+            self._resolved[key] = (self.engine.get(variant, args), self._count_flops(variant, args))
         fn, flops = self._resolved[key]
         outs = fn(*args)
         n = len(variant.outputs)
@@ -116,6 +117,11 @@ class StageRunner:
             env[slot] = value
         value = outs[n] if probe.kind == "blocks" else env[self.plan.modulation_slot]
         return probe.decide(outs[-1], value), flops
+
+    def _count_flops(self, stage: StageGraph, args: Sequence[Any]) -> int:
+        # Overridden by mixcache_compile.export.runtime.ManifestRunner: stages loaded from an
+        # export manifest have no GraphModule, their FLOPs were counted at export time.
+        return count_flops(stage, args)
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         return self.session._run_call(self, args)
@@ -126,7 +132,7 @@ class StageRunner:
         key = (stage.name, sig)
         hit = self._resolved.get(key)
         if hit is None:
-            hit = (self.engine.get(stage, args), count_flops(stage, args))
+            hit = (self.engine.get(stage, args), self._count_flops(stage, args))
             self._resolved[key] = hit
         fn, flops = hit
         outs = fn(*args)
@@ -211,7 +217,7 @@ class StageRunner:
         key = (variant.name, sig)
         hit = self._resolved.get(key)
         if hit is None:
-            hit = (self.engine.get(variant, args), count_flops(variant, args))
+            hit = (self.engine.get(variant, args), self._count_flops(variant, args))
             self._resolved[key] = hit
         fn, flops = hit
         for slot, value in zip(variant.outputs, fn(*args)):

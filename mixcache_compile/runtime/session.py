@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import warnings
 from collections import Counter
@@ -72,6 +73,7 @@ class CacheSession:
         cfg: str = "auto",
         branch_order: tuple[str, str] = ("cond", "uncond"),
         batch_order: tuple[str, str] = ("uncond", "cond"),
+        check_finite: bool = True,
         **policy_options: Any,
     ) -> None:
         if cfg not in _CFG_MODES:
@@ -80,6 +82,9 @@ class CacheSession:
             if sorted(order) != ["cond", "uncond"]:
                 raise ValueError(f"{name} must be ('cond', 'uncond') in some order, got {order!r}")
         self.policy: Policy = make_policy(policy, **policy_options)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
+        self.check_finite = check_finite
         self.cfg = cfg
         self.batch_order = tuple(batch_order)
         self._tracker = StepTracker(cfg, tuple(branch_order))
@@ -136,6 +141,7 @@ class CacheSession:
             "flops_full": full,
             "actions": dict(self._actions),
             "fallbacks": dict(self._fallbacks),
+            "non_finite": self._non_finite_count,
             "generations": self.generation + (1 if self._calls else 0),
             "cache_bytes": self._store.nbytes(),
             "cache_peak_bytes": self._store.peak_bytes,
@@ -154,12 +160,20 @@ class CacheSession:
         self._flops_full = 0
         self._actions: Counter[str] = Counter()
         self._fallbacks: Counter[str] = Counter()
+        self._non_finite_count = 0
         self._signature: tuple | None = None
         self._computed_this_step = set()
 
     def _bind(self, runner: Any) -> None:
         if self._runner is runner:
             return
+        if self._runner is not None and runner.model_key != self._runner.model_key:
+            # Two models would share step tracking and caches: a residual of one model
+            # standing in for the other's blocks is exactly the silent wrong output we refuse.
+            raise RuntimeError(
+                "this CacheSession already drives another model; create one CacheSession per model "
+                "(mixcache_compile.enable does this for you)"
+            )
         if self._runner is not None:
             # A new graph (a recompile after a shape change): caches of the old one are stale.
             self._store.clear()
@@ -218,6 +232,32 @@ class CacheSession:
 
     def _unavailable(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None = None) -> str | None:
         """Why ``action`` cannot run now (then the call computes in full), or None."""
+        reason = self._missing(runner, pos, action, after_probe)
+        if reason is None and self.check_finite:
+            reason = self._non_finite(pos.branch, action)
+        return reason
+
+    def _non_finite(self, branch: str, action: Action) -> str | None:
+        """Note [non-finite caches]: a NaN/Inf in a tensor an action would reuse makes the call
+        compute in full (and the next computed call overwrites the cache). One device fetch."""
+        kind = action.kind
+        if kind is ActionKind.STEP:
+            tensors = self._cached_list(("out", branch)) + self._cached_list(("fresh_prev", branch))
+        elif kind is ActionKind.CFG:
+            tensors = self._cached_list(("delta",)) + (self._cached_list(("out", "cond")) if branch == "uncond" else [])
+        elif kind is ActionKind.BLOCK:
+            tensors = self._cached_list(("res", branch, *action.block_range))
+        elif kind is ActionKind.ATTN:
+            tensors = [t for g in action.attn_blocks for t in self._cached_list(("attn", branch, g))]
+        else:
+            return None
+        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+            self._non_finite_count += 1
+            return "non-finite cached tensor"
+        return None
+
+    def _missing(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None) -> str | None:
+        """Why the caches ``action`` needs are absent or do not fit, or None."""
         store, b, info = self._store, pos.branch, runner.model_info
         kind = action.kind
         if kind is ActionKind.FULL:
@@ -307,6 +347,10 @@ class CacheSession:
 
         def decide(indicator: torch.Tensor, value: torch.Tensor) -> Action:
             call.indicator = float(indicator)  # the one device fetch of this decision
+            if math.isnan(call.indicator):  # Note [non-finite caches]: no decision on a NaN
+                self._non_finite_count += 1
+                call.requested, call.action, call.reason = FULL, FULL, "non-finite indicator"
+                return FULL
             requested = self.policy.after_probe(call.obs, call.indicator)
             if not isinstance(requested, Action):
                 raise TypeError(f"policy {self.policy.name!r} after_probe returned {requested!r}, not an Action")
