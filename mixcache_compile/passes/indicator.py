@@ -6,7 +6,9 @@ tensors on the host) keeps it fused into the compiled stage; the runtime fetches
 
   residual probe: extra inputs (h_in, prev); extra outputs (r = out[i] - h_in, rel_l1(r, prev))
   value probe:    extra input  (prev);       extra outputs (rel_l1(out[i], prev))
-with rel_l1(a, b) = mean|a - b| / (mean|b| + eps).
+with rel_l1(a, b) = mean|a - b| / (mean|b| + eps), returned as the pair
+[mean|a - b|, mean|b| + eps] so the runtime can sum both over ranks before dividing
+(Note [rank-consistent decisions] in runtime/distributed.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _rel_l1(graph: fx.Graph, a: fx.Node, b: fx.Node) -> fx.Node:
     diff = graph.call_function(torch.sub, (a, b))
     num = graph.call_function(torch.mean, (graph.call_function(torch.abs, (diff,)),))
     den = graph.call_function(torch.mean, (graph.call_function(torch.abs, (b,)),))
-    return graph.call_function(torch.div, (num, graph.call_function(torch.add, (den, EPS))))
+    return graph.call_function(torch.stack, ([num, graph.call_function(torch.add, (den, EPS))],))
 
 
 def _copy_with_extra_inputs(gm: fx.GraphModule, names: list[str]) -> tuple[fx.GraphModule, list[fx.Node], list[fx.Node]]:

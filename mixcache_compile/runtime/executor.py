@@ -104,7 +104,7 @@ class StageRunner:
                 value = env[dict(self.blocks[probe.blocks - 1].stream_map)[0]] - h_in
             else:
                 value = env[self.plan.modulation_slot]
-            return probe.decide(torch.tensor(float("inf")), value), flops
+            return probe.decide(torch.tensor([1.0, 0.0]), value), flops  # 1 / 0: +inf
         variant = self._probe_variant(probe.kind, probe.blocks)
         args = [env[i] for i in variant.inputs] + ([h_in] if h_in is not None else []) + [probe.previous]
         key = (variant.name, sig)

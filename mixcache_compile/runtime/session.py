@@ -23,6 +23,7 @@ from ..policies import make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
+from .distributed import all_ranks, reduce_mean, reduce_sum
 from .executor import ProbeRun
 
 log = logging.getLogger(__name__)
@@ -251,7 +252,7 @@ class CacheSession:
             tensors = [t for g in action.attn_blocks for t in self._cached_list(("attn", branch, g))]
         else:
             return None
-        if tensors and not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             self._non_finite_count += 1
             return "non-finite cached tensor"
         return None
@@ -346,7 +347,9 @@ class CacheSession:
         key = ("probe", call.pos.branch)
 
         def decide(indicator: torch.Tensor, value: torch.Tensor) -> Action:
-            call.indicator = float(indicator)  # the one device fetch of this decision
+            # [numerator, denominator] of a rel-L1, summed over ranks, then one device fetch.
+            num, den = reduce_sum(indicator.detach().float()).tolist()
+            call.indicator = num / den if den else (math.inf if num else math.nan)
             if math.isnan(call.indicator):  # Note [non-finite caches]: no decision on a NaN
                 self._non_finite_count += 1
                 call.requested, call.action, call.reason = FULL, FULL, "non-finite indicator"
@@ -458,7 +461,7 @@ class CacheSession:
         observe = getattr(self.policy, "observe", None)
         if observe is not None:
             names = list(call.deviations)
-            values = torch.stack([call.deviations[n].float() for n in names]).tolist() if names else []
+            values = reduce_mean(torch.stack([call.deviations[n].float() for n in names])).tolist() if names else []
             observe(CallReport(pos.step, pos.branch, action, reason, call.indicator, dict(zip(names, values))))
 
     def _warn_once(self, key: str, message: str) -> None:
