@@ -58,6 +58,23 @@ def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | No
     return x
 
 
+def _stages_only(compiled, session: CacheSession, call: dict):
+    """The planned stages run back to back with no session, no Dynamo guards: separates the
+    cost of splitting the graph from the cost of the runtime around it."""
+    from mixcache_compile.policies.protocol import FULL
+
+    compiled(**call)
+    runner = session._runner
+    captured: dict = {}
+    original = runner.run_graph
+    runner.run_graph = lambda args, *rest, **kw: (captured.setdefault("args", list(args)), original(args, *rest, **kw))[1]
+    compiled(**call)
+    runner.run_graph = original
+    args = captured["args"]
+    sig = runner.intern(runner.inputs.user_signature(args))
+    return lambda: runner.run_graph(args, sig, FULL, lambda rng: [], {}, set(), set())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=12)
@@ -84,10 +101,16 @@ def main() -> None:
         results["compile_s_mixcache"], _ = timed(lambda: ours(**call))
         print(f"compile: inductor {results['compile_s_inductor']:.1f}s, mixcache {results['compile_s_mixcache']:.1f}s", flush=True)
 
-        calls = interleaved_medians({"inductor": lambda: plain(**call), "mixcache_none": lambda: ours(**call)},
-                                    repeats=args.repeats * 20, warmup=3)
+        stages_only = _stages_only(ours, none_session, call)
+        calls = interleaved_medians(
+            {"inductor": lambda: plain(**call), "mixcache_none": lambda: ours(**call), "stages_only": stages_only},
+            repeats=args.repeats * 40, warmup=3,
+        )
         results["call_s_inductor"], results["call_s_mixcache_none"] = calls["inductor"], calls["mixcache_none"]
+        results["call_s_stages_only"] = calls["stages_only"]
         results["overhead_ratio"] = calls["mixcache_none"] / calls["inductor"]
+        results["split_ratio"] = calls["stages_only"] / calls["inductor"]
+        results["runtime_ms_per_call"] = 1000 * (calls["mixcache_none"] - calls["stages_only"])
 
         schedules = {
             "step_every_2": CacheSession("static", every=2, warmup=2),
@@ -123,6 +146,9 @@ def markdown(r: dict) -> str:
         "| figure | value |",
         "|---|---|",
         f"| per-call time, policy `none` / plain inductor | {r['overhead_ratio']:.3f} |",
+        f"| per-call time, planned stages alone (no runtime) / plain inductor | {r['split_ratio']:.3f} |",
+        f"| runtime cost per call (policy `none` minus stages alone) | {r['runtime_ms_per_call']:.2f} ms of "
+        f"{1000 * r['call_s_inductor']:.0f} ms |",
         f"| compile time, mixcache / plain inductor | {r['compile_s_mixcache'] / r['compile_s_inductor']:.2f} "
         f"({r['compile_s_mixcache']:.0f} s vs {r['compile_s_inductor']:.0f} s) |",
     ]
