@@ -74,7 +74,9 @@ def _wire_cache_context(model: torch.nn.Module, session: CacheSession, pipe: Any
         batched = None
         if name in _BATCHED_CONTEXT_NAMES:
             batched = _pipeline_does_cfg(pipe)
-        with session.context(name, kwargs.get("step_index"), kwargs.get("num_inference_steps"), batched):
+        # Pipelines that announce no step count (CogVideoX) still record it before the loop.
+        num_steps = kwargs.get("num_inference_steps") or getattr(pipe, "_num_timesteps", None)
+        with session.context(name, kwargs.get("step_index"), num_steps, batched):
             with original(name, **kwargs):
                 yield
 

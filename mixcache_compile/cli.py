@@ -44,10 +44,18 @@ def demo(
     typer.echo(summary(result))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def bench(ctx: typer.Context) -> None:
     """Side-by-side benchmark of this project's policies and the peers (see docs/bench.md)."""
     from .eval.bench import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def calibrate(ctx: typer.Context) -> None:
+    """Measure MixCache's sensitivities I(g) for a model and store them as JSON (see docs/policies.md)."""
+    from .policies.calibration import main
 
     raise typer.Exit(main(list(ctx.args)))
 

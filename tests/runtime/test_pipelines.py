@@ -109,3 +109,38 @@ def test_cogvideox_pipeline_batched_cfg():
     assert 0.5 < session.stats()["computed_fraction"] < 1.0
     # Reusing the unconditional branch is an approximation: close to, not equal to, uncached.
     assert (cached - reference).abs().max().item() > 0
+
+
+class _RecordingPolicy:
+    """Always FULL; remembers what it observed."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def needs(self, model):
+        from mixcache_compile.policies.protocol import CacheNeeds
+
+        return CacheNeeds()
+
+    def decide(self, obs):
+        from mixcache_compile.policies.protocol import FULL
+
+        self.seen.append(obs)
+        return FULL
+
+    def reset(self) -> None:
+        pass
+
+
+def test_batched_pipeline_reports_the_step_count():
+    """CogVideoX's cache_context carries no step count; enable() reads the pipeline's own."""
+    pipe = _cog_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    policy = _RecordingPolicy()
+    mixcache_compile.enable(pipe, policy=policy, engine="eager")
+    with torch.no_grad():
+        pipe(prompt_embeds=torch.randn(1, 6, 16), negative_prompt_embeds=torch.randn(1, 6, 16), height=64, width=64,
+             num_frames=5, num_inference_steps=6, guidance_scale=5.0, output_type="latent")
+    assert [(o.step, o.branch, o.num_steps) for o in policy.seen] == [(i, "batch", 6) for i in range(6)]
