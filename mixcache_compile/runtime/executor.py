@@ -127,8 +127,10 @@ class StageRunner:
         return self.session._run_call(self, args)
 
     # ---- stage execution -------------------------------------------------------------
-    def _stage(self, stage: StageGraph, env: list[Any], sig: int) -> tuple[tuple[Any, ...], int]:
-        args = [env[i] for i in stage.inputs]
+    def _stage(self, stage: StageGraph, env: list[Any], sig: int, args: list[Any] | None = None) -> tuple[tuple[Any, ...], int]:
+        """Run ``stage`` on ``args`` (default: its input slots), fill its output slots."""
+        if args is None:
+            args = [env[i] for i in stage.inputs]
         key = (stage.name, sig)
         hit = self._resolved.get(key)
         if hit is None:
@@ -214,15 +216,7 @@ class StageRunner:
         return outputs, flops, new_res, new_attn
 
     def _run_variant(self, variant: StageGraph, args: list[Any], env: list[Any], sig: int) -> int:
-        key = (variant.name, sig)
-        hit = self._resolved.get(key)
-        if hit is None:
-            hit = (self.engine.get(variant, args), self._count_flops(variant, args))
-            self._resolved[key] = hit
-        fn, flops = hit
-        for slot, value in zip(variant.outputs, fn(*args)):
-            env[slot] = value
-        return flops
+        return self._stage(variant, env, sig, args)[1]
 
     def full_flops(self, args: Sequence[Any], sig: int) -> int:
         """FLOPs of computing this call in full (the denominator of ``computed_fraction``)."""
