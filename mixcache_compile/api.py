@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,6 +11,8 @@ import torch
 
 from .engines import ENGINES
 from .runtime.session import CacheSession
+
+log = logging.getLogger(__name__)
 
 # Pipelines that batch both CFG branches into one call name that call "cond_uncond"
 # (CogVideoX); separate-branch pipelines (Wan, Flux true-CFG) say "cond" / "uncond".
@@ -36,6 +39,7 @@ def enable(
     if getattr(model, "_mixcache_session", None) is not None:
         raise RuntimeError("mixcache is already enabled on this model; use the session it returned")
     session = CacheSession(policy, cfg=cfg, **policy_options)
+    _allow_sessions_per_class()
     options = {"session": session, "engine": engine}
     repeated = getattr(type(model), "_repeated_blocks", None)
     if repeated:
@@ -49,6 +53,20 @@ def enable(
         setattr(owner, "transformer", compiled)
     session.compiled = compiled
     return session
+
+
+# Each enable() is its own backend, and Dynamo keeps one cache entry per backend on the
+# forward code object that all instances of a model class share; its default limit of 8
+# entries would make the 9th enabled pipeline of one class fail with fullgraph=True.
+_MIN_RECOMPILE_LIMIT = 64
+
+
+def _allow_sessions_per_class() -> None:
+    config = torch._dynamo.config
+    if config.recompile_limit < _MIN_RECOMPILE_LIMIT:
+        log.info("mixcache: raising torch._dynamo.config.recompile_limit from %d to %d (one entry per enabled pipeline)",
+                 config.recompile_limit, _MIN_RECOMPILE_LIMIT)
+        config.recompile_limit = _MIN_RECOMPILE_LIMIT
 
 
 def _find_transformer(obj: Any) -> tuple[torch.nn.Module, Any]:

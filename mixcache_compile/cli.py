@@ -60,5 +60,13 @@ def calibrate(ctx: typer.Context) -> None:
     raise typer.Exit(main(list(ctx.args)))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def export(ctx: typer.Context) -> None:
+    """Write every stage as ONNX (or TensorRT plans / inductor artifacts) plus a manifest (see docs/export.md)."""
+    from .export.cli import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
 if __name__ == "__main__":
     app()

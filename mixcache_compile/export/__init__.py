@@ -1,0 +1,31 @@
+"""Exported engines that keep caching: stage graphs written as ONNX (or saved inductor
+artifacts) plus a manifest, run by the same ``CacheSession`` state machine.
+
+    from mixcache_compile.export import export, ExportedTransformer
+    export(pipe, {"prompt_embeds": ..., "num_inference_steps": 2, ...}, "out/wan-onnx", policy="static", every=2)
+    ExportedTransformer("out/wan-onnx").install(pipe)      # onnxruntime, no torch.compile
+    video = pipe(...)
+
+TensorRT: ``tensorrt.build_engines(directory)`` (needs CUDA and the ``tensorrt`` extra), then
+``ExportedTransformer(directory, "tensorrt")``. Saved inductor artifacts:
+``export(..., format="inductor")`` then ``ExportedTransformer(directory)``. See docs/export.md.
+"""
+
+from .exporter import VARIANTS, ExportReport, export
+from .manifest import MANIFEST_NAME, VERSION, Manifest, ManifestError
+from .onnx_export import ExportError
+from .ort_runtime import OrtTransformer
+from .runtime import ExportedTransformer, load
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mixcache export MODEL_OR_PIPE --format onnx --out DIR`` (see ``cli.py`` in this package)."""
+    from .cli import main as _main
+
+    return _main(argv)
+
+
+__all__ = [
+    "export", "ExportReport", "VARIANTS", "Manifest", "ManifestError", "MANIFEST_NAME", "VERSION", "ExportError",
+    "ExportedTransformer", "OrtTransformer", "load", "main",
+]
