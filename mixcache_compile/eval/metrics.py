@@ -23,10 +23,11 @@ def _as_frames(video: torch.Tensor) -> np.ndarray:
 
 
 def psnr(test: torch.Tensor, reference: torch.Tensor, data_range: float = 2.0) -> float:
-    """PSNR in dB over the whole video; ``inf`` when identical."""
+    """PSNR in dB over all elements (any shape, videos included); ``inf`` when identical."""
     if test.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(test.shape)} vs {tuple(reference.shape)}")
-    a, b = _as_frames(test), _as_frames(reference)
+    a = test.detach().double().cpu().numpy()
+    b = reference.detach().double().cpu().numpy()
     if np.array_equal(a, b):
         return float("inf")
     return float(peak_signal_noise_ratio(b, a, data_range=data_range))
