@@ -84,9 +84,9 @@ def run_demo(
     stats = cached.stats()
     out.mkdir(parents=True, exist_ok=True)
     files = {
-        "uncached_gif": str(write_gif(reference, out / "uncached.gif")),
-        "cached_gif": str(write_gif(video, out / f"{policy}.gif")),
-        "strip": str(write_strip({"uncached": reference, policy: video}, out / "frames.png")),
+        "uncached_gif": str(write_gif(reference, out / "uncached.gif", scale=8)),
+        "cached_gif": str(write_gif(video, out / f"{policy}.gif", scale=8)),
+        "strip": str(write_strip({"uncached": reference, policy: video}, out / "frames.png", scale=8)),
         "timeline": str(plot_timeline(cached.trace, out / "timeline.png", title=f"{policy} on '{prompt}', {steps} steps")),
     }
     result = DemoResult(
