@@ -275,6 +275,19 @@ class Handle:
     stats: Callable[[], dict[str, Any]] = dict
     reset_stats: Callable[[], None] = lambda: None
     notes: list[str] = field(default_factory=list)
+    calls: Callable[[], int] | None = None  # transformer calls the method saw (mixcache sessions), None if unknown
+
+    def check_calls(self, before: int | None, expected: int) -> None:
+        """Raise if the method did not see the transformer calls of the generation that just ran."""
+        if self.calls is None or before is None:
+            return
+        seen = self.calls() - before
+        if seen != expected:
+            raise RuntimeError(
+                f"the mixcache session saw {seen} of the generation's {expected} transformer calls: the compiled "
+                "model ran without it (the backend fell back to an uncached compile, or Dynamo reused a compiled "
+                "entry that is not this session's)"
+            )
 
 
 @dataclass
@@ -309,7 +322,8 @@ def _mixcache_method(policy: str, knobs: Callable[[Workload], dict[str, Any]] | 
             s = session.stats()
             return {"computed_fraction": s["computed_fraction"], "fallbacks": s["fallbacks"], "actions": s["actions"]}
 
-        return Handle(reset=session.reset, stats=stats, reset_stats=session.reset_stats)
+        return Handle(reset=session.reset, stats=stats, reset_stats=session.reset_stats,
+                      calls=lambda: session.stats()["calls"])
 
     return Method(f"mixcache:{label}", "mixcache", knob_text, setup, compiled_by_default,
                   "mixcache_compile.enable(engine='inductor')")
@@ -439,7 +453,7 @@ def _new_row(method: Method, mode: str) -> dict[str, Any]:
         "cpu_time_s": None, "speedup_cpu": None,
         "psnr": None, "ssim": None, "psnr_min": None, "psnr_per_sample": [], "fidelity_from": None,
         "computed_fraction": None, "computed_fraction_speed": None, "psnr_speed_model": None,
-        "notes": [],
+        "timing_group": None, "notes": [],
     }
 
 
@@ -476,7 +490,9 @@ def _fidelity(rows: dict[tuple[str, str], dict[str, Any]], methods: list[Method]
             outputs = []
             for sample in work.samples:
                 handle.reset()
+                before = handle.calls() if handle.calls else None
                 outputs.append(work.generate(pipe, sample))
+                handle.check_calls(before, 2 * work.steps)
         except Exception as err:
             _fail(row, "fidelity", err)
             continue
@@ -503,21 +519,23 @@ def _fallback_notes(row: dict[str, Any], stats: dict[str, Any], model: str) -> N
 
 
 def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method, str]], work: SpeedWorkload,
-           repeats: int) -> dict[str, Any]:
-    """Set every row up in its own pipeline (first call = warm-up / compile), then time all rows
-    round-robin together with both baselines, ``repeats`` rounds, medians."""
+           repeats: int, memo: dict[Any, Any], group: str, own_baselines: bool) -> dict[str, Any]:
+    """Set every row of ``plan`` up in its own pipeline (first call = warm-up / compile), then
+    time them round-robin (the plan includes both baselines), one untimed and ``repeats`` timed
+    rounds, medians. ``own_baselines``: write the baselines' timings into their rows (the first
+    group); a later group only uses its baseline runs for its own rows' speedups."""
     from torch._dynamo.utils import counters
 
     from .metrics import psnr
     from .timing import interleaved_medians, timed
 
     sample = work.samples[0]
-    memo: dict[Any, Any] = {}
+    expected_calls = 2 * work.steps
     fns: dict[tuple[str, str], Callable[[], object]] = {}
     first_outputs: dict[tuple[str, str], torch.Tensor] = {}
     errors: dict[tuple[str, str], BaseException] = {}
     keep: list[Any] = []
-    bar = _progress(plan, "speed model: set up + warm-up/compile")
+    bar = _progress(plan, f"speed model, {group}: set up + first call/compile")
     for method, mode in bar:
         key = (method.id, mode)
         bar.set_postfix_str(f"{method.id[:36]} [{mode}]")
@@ -532,12 +550,19 @@ def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method,
             handle = method.setup(pipe, work, compiled, ctx)
             handle.reset_stats()
             handle.reset()
-            row["first_call_s"], out = timed(lambda p=pipe: work.generate(p, sample))
+            before = handle.calls() if handle.calls else None
+            first_s, out = timed(lambda p=pipe: work.generate(p, sample))
+            handle.check_calls(before, expected_calls)
         except Exception as err:
+            if method.is_baseline and not own_baselines:
+                continue
             _fail(row, "speed setup" + (" (compiled)" if compiled else ""), err)
             continue
         finally:
             row["notes"].extend(n for n in ctx.notes if n not in row["notes"])
+        if own_baselines or not method.is_baseline:
+            row["first_call_s"] = first_s
+            row["timing_group"] = group
         first_outputs[key] = out
         stats = handle.stats()
         if "computed_fraction" in stats:
@@ -550,7 +575,10 @@ def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method,
                 return None
             try:
                 h.reset()
-                return work.generate(p, sample)
+                before = h.calls() if h.calls else None
+                result = work.generate(p, sample)
+                h.check_calls(before, expected_calls)  # a mixcache row must run through its own session
+                return result
             except Exception as err:  # a failure in a timed round marks the row; its timing is discarded
                 errors[k] = err
                 return None
@@ -559,7 +587,7 @@ def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method,
     # One untimed round first: setting up a later row (hooks, another compile) can invalidate
     # Dynamo guards of rows set up before it, and their re-traces must not land in timed rounds.
     total = (1 + repeats) * len(fns)
-    tick = _progress(range(total), f"timing: 1 warm-up + {repeats} interleaved round(s) x {len(fns)} rows", total=total)
+    tick = _progress(range(total), f"timing {group}: 1 untimed + {repeats} round(s) x {len(fns)} rows", total=total)
     tick_iter = iter(tick)
     graphs = counters["stats"]
     done = {"calls": 0}
@@ -589,11 +617,12 @@ def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method,
         rows[key]["notes"].append(f"Dynamo compiled {n} graph(s) during timed rounds (time includes it)")
     base_keys = {"eager": ("baseline:uncached", "eager"), "compiled": ("baseline:uncached", "compiled")}
     for key, err in errors.items():
-        _fail(rows[key], "timed rounds", err)
+        if key[0] != "baseline:uncached" or own_baselines:
+            _fail(rows[key], "timed rounds", err)
     eager_t = medians.get(base_keys["eager"]) if base_keys["eager"] not in errors else None
     for key, t in medians.items():
         row = rows[key]
-        if key in errors:
+        if key in errors or (key in base_keys.values() and not own_baselines):
             continue
         row["time_s"] = t
         base = medians.get(base_keys[row["mode"]]) if base_keys[row["mode"]] not in errors else None
@@ -615,7 +644,10 @@ def _speed(rows: dict[tuple[str, str], dict[str, Any]], plan: list[tuple[Method,
             except ValueError:
                 pass
     keep.clear()
-    return {"rows_timed": len(fns), "rows_recompiled_in_timed_rounds": len(recompiled)}
+    return {
+        "rows_timed": len(fns), "rows_recompiled_in_timed_rounds": len(recompiled),
+        "baseline_s": {mode: medians.get(k) for mode, k in base_keys.items()},
+    }
 
 
 def _skip_compiled_of_failed(rows: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -680,11 +712,24 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     meta["fidelity_s"] = time.perf_counter() - t0
     torch._dynamo.reset()  # the fidelity pipelines are gone; start the speed phase with empty Dynamo caches
     _skip_compiled_of_failed(rows)
+    # Two timing groups. A peer's hooks compiled by torch.compile make Dynamo serve the models of
+    # mixcache rows set up before it from a compiled entry that is not theirs (their sessions stop
+    # seeing calls; every mixcache call is checked). So: first everything except the compiled
+    # peers, then the compiled peers with fresh runs of both baselines.
     plan = [(m, "eager") for m in methods] + [(m, "compiled") for m in compiled]
+    late = [(m, mode) for m, mode in plan if mode == "compiled" and m.family in ("diffusers", "cache-dit")]
+    baselines = [(m, mode) for m, mode in plan if m.is_baseline]
+    first = [pm for pm in plan if pm not in late]
+    memo: dict[Any, Any] = {}
     t0 = time.perf_counter()
     with _quiet():
-        meta["speed"] = _speed(rows, plan, speed_work, cfg.repeats)
+        meta["speed"] = {"A": _speed(rows, first, speed_work, cfg.repeats, memo, "group A", own_baselines=True)}
+        torch._dynamo.reset()
+        if late:
+            meta["speed"]["B"] = _speed(rows, baselines + late, speed_work, cfg.repeats, memo, "group B", own_baselines=False)
     meta["speed_s"] = time.perf_counter() - t0
+    meta["timing_groups"] = ("A: baselines, eager rows and compiled mixcache rows; B: compiled peers (diffusers, cache-dit) "
+                             "with their own runs of both baselines in the same rounds")
     _inherit_fidelity(rows)
     sha_end = _sha256(__import__("mixcache_compile.zoo.pipeline", fromlist=["WEIGHTS_FILE"]).WEIGHTS_FILE)
     if sha_end != meta["fidelity_model"]["weights_sha256"]:
@@ -771,6 +816,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             notes.insert(0, f"**FAILED** in {r.get('error_phase') or 'run'}: `{r['error']}`{where}")
         if r["mode"] == "compiled" and r.get("fidelity_from"):
             notes.append("fidelity: eager run of same config")
+        if r.get("timing_group") == "group B":
+            notes.append("timed in group B, against that group's baseline runs")
         cf = r.get("computed_fraction")
         cfs = r.get("computed_fraction_speed")
         computed = "—" if cf is None and cfs is None else f"{_f(cf, '.2f')} / {_f(cfs, '.2f')}"

@@ -1,5 +1,5 @@
 """The runner end to end in --quick mode, restricted to three methods (one of which fails) on
-the shipped model and a one-block speed model, eager only."""
+the shipped model and a two-block speed model, eager only."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def test_quick_run_writes_json_markdown_and_plot(tmp_path):
     code = bench.main([
         "--quick", "--no-compile", "--out", str(out), "--steps", "4", "--repeats", "1",
         "--methods", "mixcache:static(every=2),diffusers:fastercache",
-        "--bench-layers", "1", "--bench-size", "8",
+        "--bench-layers", "2", "--bench-size", "8",
     ])
     assert code == 0
     results = json.loads((out / "bench.json").read_text())

@@ -78,3 +78,17 @@ def test_pareto_plot_with_only_failures_or_only_identical_rows(tmp_path):
     plot_pareto([ROWS[-1]], tmp_path / "a.png")
     plot_pareto(ROWS[:2], tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_handle_check_calls_flags_a_bypassed_session():
+    import pytest
+
+    from mixcache_compile.eval.bench import Handle
+
+    seen = {"n": 0}
+    handle = Handle(calls=lambda: seen["n"])
+    seen["n"] = 40
+    handle.check_calls(0, 40)  # every call went through the session
+    with pytest.raises(RuntimeError, match="saw 0 of the generation's 40"):
+        handle.check_calls(40, 40)
+    Handle().check_calls(None, 40)  # methods without a call counter are not checked
