@@ -165,8 +165,7 @@ def _plan_chain(gm, c, chain: BlockChain, by_segment, io_of, make_stage, slot) -
 def _attention_reused_variant(gm, block, nodes, attn_path, attn_outs, io_of, slot) -> StageGraph:
     scope = set(attention_scope(nodes, attn_path))
     kept = [n for n in nodes if n not in scope]
-    inputs, _ = io_of(nodes)
-    outputs = [n for n in io_of(nodes)[1]]
+    inputs, outputs = io_of(nodes)
     replaced = {n: j for j, n in enumerate(attn_outs)}
     sgm = build_stage_graph(gm, kept + list(attn_outs), inputs, outputs, replaced)
     sgm.graph.eliminate_dead_code()

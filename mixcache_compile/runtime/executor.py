@@ -235,7 +235,6 @@ class StageRunner:
 
     def _all_stages(self) -> list[StageGraph]:
         stages = [self.plan.prologue]
-        g = 0
         for c, chain in enumerate(self.plan.chains):
             if c in self.plan.glue:
                 stages.append(self.plan.glue[c])

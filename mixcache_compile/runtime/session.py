@@ -164,6 +164,7 @@ class CacheSession:
         self._non_finite_count = 0
         self._signature: tuple | None = None
         self._computed_this_step = set()
+        self._step: int | None = None
 
     def _bind(self, runner: Any) -> None:
         if self._runner is runner:
@@ -193,7 +194,7 @@ class CacheSession:
             self._store.clear()  # shape/dtype changed: nothing cached may be reused
             self._warn_once("signature", "input shapes or dtypes changed mid-generation: caches dropped, computing in full")
         self._signature = sig
-        if pos.step is not None and pos.step != getattr(self, "_step", None):
+        if pos.step is not None and pos.step != self._step:
             self._computed_this_step = set()
         self._step = pos.step
         call = _Call(pos, self._observation(pos))
