@@ -5,7 +5,11 @@ Flow matching in pixel space with diffusers' convention:
 The text encoder is trained jointly; 12% of prompts are replaced by "" so that the empty
 prompt learns the unconditional branch used by classifier-free guidance.
 
-    python tools/train_tiny_t2v.py            # the shipped run: 4400 steps, ~25-40 min on 1 thread
+    python tools/train_tiny_t2v.py                 # the shipped "tiny" run: 4400 steps, ~25-40 min
+    python tools/train_tiny_t2v.py --preset deep   # the shipped "deep" run (grown from tiny)
+
+The deep preset (8 blocks, 128 tokens) starts from the trained tiny weights, grown so that the
+grown model computes what the tiny one did (`grow_from_tiny`), then trains on the same data.
 
 Reproducible from --seed (data, init and timestep draws all come from seeded generators)
 as long as the run is not cut short by --minutes; the number of steps run is recorded.
@@ -36,22 +40,71 @@ from mixcache_compile.zoo.text import TinyTextEncoder, WordTokenizer  # noqa: E4
 ZOO = REPO / "mixcache_compile" / "zoo"
 
 
+# Per-preset defaults; flags given on the command line win.
+PRESETS: dict[str, dict] = {
+    "tiny": {"config": spec.TRANSFORMER_CONFIG, "steps": 4400, "lr": 1e-3, "warmup": 200,
+             "minutes": 58.0, "out": ZOO / "weights", "curve": ZOO / "loss_curve.png", "grow": False},
+    "deep": {"config": spec.DEEP_TRANSFORMER_CONFIG, "steps": 3000, "lr": 5e-4, "warmup": 100,
+             "minutes": 105.0, "out": ZOO / "weights" / "deep", "curve": ZOO / "deep_loss_curve.png",
+             "grow": True},
+}
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=4400, help="optimizer steps (sets the LR schedule)")
-    p.add_argument("--minutes", type=float, default=58.0, help="wall-clock cap; stops early and saves")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (sets the LR schedule)")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock cap; stops early and saves")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--prompt-dropout", type=float, default=0.12)
     p.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved weights (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 leaves a core free)")
-    p.add_argument("--out", type=Path, default=ZOO / "weights")
-    p.add_argument("--curve", type=Path, default=ZOO / "loss_curve.png")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--curve", type=Path, default=None)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--save-every", type=int, default=200)
-    return p.parse_args()
+    args = p.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+@torch.no_grad()
+def grow_from_tiny(deep: WanTransformer3DModel, tiny_state: dict[str, torch.Tensor], tiny_config: dict) -> None:
+    """Initialise the deep model so that it computes (nearly) what the trained tiny one did.
+
+    - Block i of the tiny model becomes blocks 2i and 2i+1. The second copy's output
+      projections (self-attention, cross-attention, FFN) are zeroed, so it starts as the
+      identity on the residual stream and still receives gradients (as adaLN-Zero does).
+    - The patch embedding's temporal kernel (2 frames) is summed into one frame, and the output
+      projection's two temporal sub-patches are averaged: on slowly moving clips a token of one
+      frame then embeds and predicts as the pair did.
+    - Everything else (time/text embedders, norms, scale-shift tables) is copied as is.
+    """
+    depth_ratio = deep.config.num_layers // tiny_config["num_layers"]
+    target = deep.state_dict()
+    pt_old = tiny_config["patch_size"][0]
+    pt_new = deep.config.patch_size[0]
+    for key, value in tiny_state.items():
+        if key.startswith("blocks."):
+            _, index, rest = key.split(".", 2)
+            for copy in range(depth_ratio):
+                new_key = f"blocks.{int(index) * depth_ratio + copy}.{rest}"
+                zero = copy > 0 and (rest.startswith(("attn1.to_out.", "attn2.to_out.", "ffn.net.2.")))
+                target[new_key].copy_(torch.zeros_like(value) if zero else value)
+        elif key == "patch_embedding.weight" and pt_old != pt_new:
+            target[key].copy_(value.sum(dim=2, keepdim=True))
+        elif key.startswith("proj_out.") and pt_old != pt_new:
+            # rows are ordered (p_t, p_h, p_w, channels); average the temporal sub-patches
+            rows = value.reshape(pt_old, -1, *value.shape[1:])
+            target[key].copy_(rows.mean(dim=0))
+        else:
+            target[key].copy_(value)
+    deep.load_state_dict(target, strict=True)
 
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
@@ -93,13 +146,14 @@ class Ema:
             avg.copy_(tmp)
 
 
-def save(out: Path, transformer: WanTransformer3DModel, encoder: TinyTextEncoder, facts: dict) -> None:
+def save(out: Path, transformer: WanTransformer3DModel, encoder: TinyTextEncoder, facts: dict,
+         transformer_config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"transformer.{k}": v.detach().contiguous() for k, v in transformer.state_dict().items()}
     tensors |= {f"text_encoder.{k}": v.detach().contiguous() for k, v in encoder.state_dict().items()}
     save_file(tensors, str(out / "tiny_t2v.safetensors"))
     config = {
-        "transformer": dict(spec.TRANSFORMER_CONFIG),
+        "transformer": dict(transformer_config),
         "text_encoder": dict(encoder.config),
         "vocab": list(spec.VOCAB),
         "video": {"height": spec.HEIGHT, "width": spec.WIDTH, "num_frames": spec.NUM_FRAMES},
@@ -117,12 +171,12 @@ def save(out: Path, transformer: WanTransformer3DModel, encoder: TinyTextEncoder
 
 
 def save_averaged(out: Path, transformer: WanTransformer3DModel, encoder: TinyTextEncoder, ema: Ema | None,
-                  facts: dict) -> None:
+                  facts: dict, transformer_config: dict) -> None:
     """Save the EMA weights (if any) without disturbing training."""
     if ema is not None:
         ema.swap()
     try:
-        save(out, transformer, encoder, facts)
+        save(out, transformer, encoder, facts, transformer_config)
     finally:
         if ema is not None:
             ema.swap()
@@ -154,8 +208,17 @@ def main() -> None:
     data_gen = torch.Generator().manual_seed(args.seed)
     noise_gen = torch.Generator().manual_seed(args.seed + 1)
 
-    transformer = WanTransformer3DModel(**spec.TRANSFORMER_CONFIG)
+    transformer = WanTransformer3DModel(**args.config)
     encoder = TinyTextEncoder(**spec.ENCODER_CONFIG)
+    if args.grow:
+        from safetensors.torch import load_file
+
+        tiny_dir = ZOO / "weights"
+        tiny_config = json.loads((tiny_dir / "config.json").read_text())["transformer"]
+        state = load_file(str(tiny_dir / "tiny_t2v.safetensors"))
+        grow_from_tiny(transformer, {k[12:]: v for k, v in state.items() if k.startswith("transformer.")},
+                       tiny_config)
+        encoder.load_state_dict({k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
     tokenizer = WordTokenizer()
     params = list(transformer.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -201,12 +264,14 @@ def main() -> None:
             print(f"step {step + 1} loss {log[-1]['loss']:.4f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{log[-1]['seconds']:.0f}s", flush=True)
         if (step + 1) % args.save_every == 0:
-            save_averaged(args.out, transformer, encoder, ema, {"partial": True, "steps": step + 1})
+            save_averaged(args.out, transformer, encoder, ema, {"partial": True, "steps": step + 1}, args.config)
     else:
         step = args.steps
 
     seconds = time.time() - start
     facts = {
+        "preset": args.preset,
+        "grown_from": "tiny (tools/train_tiny_t2v.py grow_from_tiny)" if args.grow else None,
         "seed": args.seed,
         "steps_requested": args.steps,
         "steps": step,
@@ -221,7 +286,7 @@ def main() -> None:
         "final_loss": log[-1]["loss"] if log else None,
         "parameters": n_params,
     }
-    save_averaged(args.out, transformer, encoder, ema, facts)
+    save_averaged(args.out, transformer, encoder, ema, facts, args.config)
     args.curve.parent.mkdir(parents=True, exist_ok=True)
     args.curve.with_suffix(".json").write_text(json.dumps(log) + "\n")
     if log:

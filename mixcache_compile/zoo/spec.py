@@ -58,6 +58,16 @@ TRANSFORMER_CONFIG: Final[dict[str, Any]] = {
     "rope_max_seq_len": 64,
 }
 
+# The "deep" model: twice the blocks and twice the tokens. Patch (1, 4, 4) gives one token row
+# per frame: 8 frames x 4 x 4 = 128 tokens. Width stays 128 so that the deep model can be grown
+# from the trained 4-block one (see tools/train_tiny_t2v.py --preset deep): on one CPU thread a
+# from-scratch 8-block run does not reach coherent motion inside the two-hour budget.
+DEEP_TRANSFORMER_CONFIG: Final[dict[str, Any]] = {
+    **TRANSFORMER_CONFIG,
+    "patch_size": [1, 4, 4],
+    "num_layers": 8,
+}
+
 ENCODER_CONFIG: Final[dict[str, Any]] = {
     "vocab_size": len(VOCAB),
     "dim": 64,
