@@ -36,11 +36,17 @@ def demo(
     repeats: Annotated[int, typer.Option(help="timed repetitions (median)")] = 3,
     out: Path = Path("out/demo"),
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="policy option KEY=VALUE (JSON value)")] = None,
+    model: Annotated[str, typer.Option(help="shipped model: tiny (4 blocks, 64 tokens) or deep (8 blocks, 128 tokens)")] = "tiny",
 ) -> None:
-    """Generate one video with the shipped model, uncached and cached; write GIFs and a timeline."""
+    """Generate one video with a shipped model, uncached and cached; write GIFs and a timeline."""
     from .eval.demo import run_demo, summary
+    from .zoo import weights_dir_for
 
-    result = run_demo(prompt, policy, engine, steps, guidance, seed, repeats, out, _parse_options(option or []))
+    try:
+        weights_dir_for(model)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
+    result = run_demo(prompt, policy, engine, steps, guidance, seed, repeats, out, _parse_options(option or []), model)
     typer.echo(summary(result))
 
 

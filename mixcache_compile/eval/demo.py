@@ -28,6 +28,7 @@ FALLBACK_POLICY = ("static", {"every": 2, "warmup": 6})
 
 @dataclass
 class DemoResult:
+    model: str
     prompt: str
     policy: str
     engine: str
@@ -61,11 +62,12 @@ def run_demo(
     repeats: int = 3,
     out: Path = Path("out/demo"),
     policy_options: dict[str, Any] | None = None,
+    model: str = "tiny",
 ) -> DemoResult:
     from ..zoo import default_call_kwargs, load_pipeline
 
     policy, options = resolve_policy(policy, dict(policy_options or {}))
-    uncached_pipe, cached_pipe = load_pipeline(), load_pipeline()
+    uncached_pipe, cached_pipe = load_pipeline(name=model), load_pipeline(name=model)
     uncached = enable(uncached_pipe, "none", engine)
     cached = enable(cached_pipe, policy, engine, **options)
     call = dict(prompt=prompt, **default_call_kwargs(num_inference_steps=steps, guidance_scale=guidance_scale))
@@ -90,7 +92,7 @@ def run_demo(
         "timeline": str(plot_timeline(cached.trace, out / "timeline.png", title=f"{policy} on '{prompt}', {steps} steps")),
     }
     result = DemoResult(
-        prompt=prompt, policy=policy, engine=engine, steps=steps,
+        model=model, prompt=prompt, policy=policy, engine=engine, steps=steps,
         speedup=times["uncached"] / times["cached"], computed_fraction=stats["computed_fraction"],
         psnr_db=psnr(video, reference), ssim=ssim(video, reference), actions=stats["actions"], files=files,
     )
@@ -100,7 +102,7 @@ def run_demo(
 
 def summary(r: DemoResult) -> str:
     return "\n".join([
-        f"prompt '{r.prompt}', {r.steps} steps, CFG on, engine {r.engine}, policy {r.policy}",
+        f"model {r.model}, prompt '{r.prompt}', {r.steps} steps, CFG on, engine {r.engine}, policy {r.policy}",
         f"  speedup vs uncached (same engine, median):  {r.speedup:.2f}x",
         f"  computed fraction (FLOPs run / FLOPs full): {r.computed_fraction:.3f}",
         f"  PSNR vs uncached: {r.psnr_db:.2f} dB    SSIM: {r.ssim:.4f}",

@@ -22,6 +22,20 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / "tiny_t2v.safetensors"
 CONFIG_FILE = WEIGHTS_DIR / "config.json"
 
+# The shipped models by name: each directory holds config.json and tiny_t2v.safetensors.
+# "tiny": 4 blocks, 64 tokens per clip (the first model); "deep": 8 blocks, 128 tokens, grown
+# from "tiny" and trained further (tools/train_tiny_t2v.py --preset deep). Same data family,
+# same text encoder vocabulary, same clip size.
+MODELS: dict[str, Path] = {"tiny": WEIGHTS_DIR, "deep": WEIGHTS_DIR / "deep"}
+DEFAULT_MODEL = "tiny"
+
+
+def weights_dir_for(name: str = DEFAULT_MODEL) -> Path:
+    """The weights directory of a shipped model; a clear error for an unknown name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown shipped model {name!r}; shipped models: {', '.join(MODELS)}")
+    return MODELS[name]
+
 _ROUNDING_WARNING = "`num_frames - 1` has to be divisible by"
 
 
@@ -132,14 +146,19 @@ def load_scheduler(weights_dir: Path = WEIGHTS_DIR) -> FlowMatchEulerDiscreteSch
 
 
 def load_pipeline(
-    device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights_dir: Path = WEIGHTS_DIR
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    weights_dir: Path | None = None,
+    *,
+    name: str = DEFAULT_MODEL,
 ) -> TinyWanPipeline:
     """A ready WanPipeline (vae=None) producing (B, 3, F, H, W) pixel videos with output_type="latent".
 
     The frames are the Euler end point clamped to [-1, 1] (the clamp only trims rare overshoot).
-    `weights_dir` is for evaluating other checkpoints; the default is the shipped model.
+    `name` picks a shipped model (`MODELS`: "tiny", the default, or "deep"); `weights_dir`, if
+    given, loads another checkpoint directory instead (for evaluating training runs).
     """
-    weights_dir = Path(weights_dir)
+    weights_dir = Path(weights_dir) if weights_dir is not None else weights_dir_for(name)
     pipe = TinyWanPipeline(
         tokenizer=WordTokenizer(tuple(load_config(weights_dir)["vocab"])),
         text_encoder=load_text_encoder(device, dtype, weights_dir),

@@ -1,6 +1,7 @@
 """Measure the figures quoted in mixcache_compile/zoo/MODEL_CARD.md (not a test; ~1-2 min).
 
-    python tests/zoo/measure_tiny_t2v.py [--seeds 3] [--samples mixcache_compile/zoo/samples.png]
+    python tests/zoo/measure_tiny_t2v.py [--model tiny|deep] [--seeds 3] [--samples mixcache_compile/zoo/samples.png]
+    [--shift S]   (sampler shift; default: the one in the model's config.json)
 
 Uses one torch thread, like the training run, unless --threads says otherwise.
 """
@@ -49,11 +50,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--samples", type=Path, default=None)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--shift", type=float, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = load_pipeline()
+    pipe = load_pipeline(name=args.model)
+    if args.shift is not None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=args.shift)
     pipe.set_progress_bar_config(disable=True)
-    report: dict = {"threads": args.threads}
+    report: dict = {"model": args.model, "shift": pipe.scheduler.config.shift, "threads": args.threads}
 
     # Time of one 30-step CFG generation (60 transformer calls), after a warm-up call.
     generate(pipe, ["red circle moving left"], [0], num_inference_steps=2)

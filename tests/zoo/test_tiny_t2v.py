@@ -1,4 +1,4 @@
-"""Checks of the shipped tiny text-to-video model: data, tokenizer, pipeline, and fidelity.
+"""Checks of the shipped text-to-video models ("tiny" and "deep"): data, tokenizer, pipeline, fidelity.
 
 The fidelity checks are why the model exists: it must follow its prompt, guidance must
 change the result, and skipping every other transformer call must cost visible quality
@@ -16,10 +16,10 @@ import pytest
 import torch
 from diffusers import WanPipeline, WanTransformer3DModel
 
-from mixcache_compile.zoo import HEIGHT, NUM_FRAMES, TEXT_LEN, WIDTH, default_call_kwargs, load_pipeline
+from mixcache_compile.zoo import HEIGHT, MODELS, NUM_FRAMES, TEXT_LEN, WIDTH, default_call_kwargs, load_pipeline
 from mixcache_compile.zoo.checks import describe, follows_prompt, psnr
 from mixcache_compile.zoo.data import Clip, all_clips, render_clip, sample_batch
-from mixcache_compile.zoo.pipeline import WEIGHTS_FILE
+from mixcache_compile.zoo.pipeline import WEIGHTS_FILE, load_config
 from mixcache_compile.zoo.text import TinyTextEncoder, WordTokenizer
 
 # 16 prompts: every colour x direction once, shapes alternating; one seed each.
@@ -91,9 +91,10 @@ def test_encoder_zeroes_padding() -> None:
 # ---------------------------------------------------------------- the shipped pipeline
 
 
-@pytest.fixture(scope="module")
-def pipe() -> WanPipeline:
-    p = load_pipeline()
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def pipe(request: pytest.FixtureRequest) -> WanPipeline:
+    """Every shipped model passes the same checks."""
+    p = load_pipeline(name=request.param)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -110,8 +111,22 @@ def guided(pipe: WanPipeline) -> torch.Tensor:
     return generate(pipe, [c.prompt for c, _ in PROMPT_SET], [s for _, s in PROMPT_SET])
 
 
-def test_weights_are_small() -> None:
-    assert WEIGHTS_FILE.stat().st_size <= 20 * 2**20
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_weights_are_small(name: str) -> None:
+    assert (MODELS[name] / WEIGHTS_FILE.name).stat().st_size <= 20 * 2**20
+
+
+def test_deep_model_is_deeper_and_has_more_tokens() -> None:
+    tiny, deep = load_config(MODELS["tiny"])["transformer"], load_config(MODELS["deep"])["transformer"]
+    tokens = {name: NUM_FRAMES // c["patch_size"][0] * (HEIGHT // c["patch_size"][1]) * (WIDTH // c["patch_size"][2])
+              for name, c in (("tiny", tiny), ("deep", deep))}
+    assert deep["num_layers"] >= 8 and tokens["deep"] >= 128
+    assert tokens == {"tiny": 64, "deep": 128}
+
+
+def test_unknown_model_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown shipped model 'huge'.*tiny, deep"):
+        load_pipeline(name="huge")
 
 
 def test_pipeline_is_a_wan_pipeline_with_pixel_sizes(pipe: WanPipeline) -> None:
@@ -121,8 +136,10 @@ def test_pipeline_is_a_wan_pipeline_with_pixel_sizes(pipe: WanPipeline) -> None:
                generator=torch.Generator().manual_seed(0)).frames
     assert out.shape == (1, 3, 6, HEIGHT, WIDTH)  # exactly the frames asked for
     assert out.min() >= -1.0 and out.max() <= 1.0
-    with pytest.raises(ValueError, match="temporal patch"):
-        pipe(prompt="green square moving up", num_inference_steps=1, num_frames=5)
+    patch_t = pipe.transformer.config.patch_size[0]
+    if patch_t > 1:  # the deep model has one token row per frame: any frame count works
+        with pytest.raises(ValueError, match="temporal patch"):
+            pipe(prompt="green square moving up", num_inference_steps=1, num_frames=patch_t + 1)
 
 
 def test_pipeline_is_deterministic_and_shows_progress(pipe: WanPipeline) -> None:
