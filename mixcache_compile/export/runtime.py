@@ -26,6 +26,8 @@ from ..api import _BATCHED_CONTEXT_NAMES, _pipeline_does_cfg
 from ..passes.stage_graph import StageGraph
 from ..runtime.executor import StageRunner
 from ..runtime.session import CacheSession
+from .compat import check_versions
+from .integrity import verify_files
 from .manifest import Manifest, StageFile, decode_value, dtype_name
 from .onnx_export import ExportError
 
@@ -181,11 +183,15 @@ class ExportedTransformer(torch.nn.Module):
         policy: str | None = None,
         cfg: str | None = None,
         engine_options: dict[str, Any] | None = None,
+        verify: bool = True,
         **policy_options: Any,
     ) -> None:
         super().__init__()
         self.directory = Path(directory)
-        manifest = Manifest.load(self.directory)
+        manifest = Manifest.load(self.directory, verify=verify)
+        check_versions(manifest.format, manifest.created_with, str(self.directory))
+        if verify:  # before any file is handed to a loader: nothing corrupted runs
+            verify_files(self.directory, manifest.files)
         engine = engine or DEFAULT_ENGINE[manifest.format]
         loader = make_loader(engine, manifest, **(engine_options or {}))
         if session is None:
