@@ -56,16 +56,18 @@ def record_files(directory: Path, rels: Iterable[str]) -> dict[str, dict[str, An
 
 # Note [verified once per process]: hashing a large export on every load would make repeated
 # loads (a server building one transformer per pipeline, a notebook re-running a cell) pay for
-# reading every byte again. A file whose digest matched is remembered by its identity and its
-# stat: device, inode, size, mtime and ctime. Any write to the file changes its ctime (which,
-# unlike mtime, no user call can set back), and replacing it changes its inode, so a file
-# changed after it was verified is hashed again. The memo lives in this process only.
+# reading every byte again. A file whose digest matched is remembered by its stat:
+# device, inode, size, mtime and ctime. Any write to the file changes its ctime (which,
+# unlike mtime, no user call can set back), and a replacing file has a new ctime, so a file
+# changed after it was verified is hashed again. The memo lives in this process only. (A
+# write within the filesystem's timestamp granularity, a few ms, of the verification that keeps
+# the size could go unnoticed by this process; a new process always hashes.)
 _VERIFIED: set[tuple] = set()
 _LOCK = threading.Lock()
 
 
-def _identity(path: Path, st: os.stat_result, expected: str) -> tuple:
-    return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected)
+def _identity(st: os.stat_result, expected: str) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected)
 
 
 def verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> int:
@@ -90,7 +92,7 @@ def verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]]) -> int
             raise IntegrityError(f"{path} is {st.st_size} bytes; the manifest records {size} bytes "
                                  f"({'truncated' if st.st_size < size else 'grown'}: an interrupted copy or download?). "
                                  "Copy or export again")
-        key = _identity(path, st, expected)
+        key = _identity(st, expected)
         with _LOCK:
             if key in _VERIFIED:
                 continue

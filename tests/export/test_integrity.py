@@ -6,6 +6,7 @@ differ from the export's are warned about (ONNX is data)."""
 from __future__ import annotations
 
 import re
+import time
 import warnings
 
 import pytest
@@ -44,6 +45,7 @@ def test_intact_export_is_hashed_once_per_process_and_rehashed_after_a_write(cop
     assert verify_files(copy, manifest.files) == len(named)
     assert verify_files(copy, manifest.files) == 0  # Note [verified once per process]
     weights = copy / manifest.weights["file"]
+    time.sleep(0.05)  # past the filesystem's timestamp granularity (Note [verified once per process])
     weights.write_bytes(weights.read_bytes())  # same bytes, but written: its ctime changed
     assert verify_files(copy, manifest.files) == 1
     kwargs, want = _reference()
@@ -126,3 +128,14 @@ def test_intact_export_loads_without_version_warnings(copy):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ExportVersionWarning)
         ExportedTransformer(copy, policy="none")
+
+
+def test_file_changed_after_construction_is_refused_when_it_is_first_loaded(copy):
+    """Stage files load lazily, at their first call: one damaged (or replaced by a re-export)
+    after the transformer was built is caught then, not run with the old manifest."""
+    transformer = ExportedTransformer(copy, policy="none")
+    rel = _block_file(copy)
+    flip_byte(copy / rel)
+    kwargs, _ = _reference()
+    with pytest.raises(IntegrityError, match=re.escape(str(copy / rel)) + " has SHA-256"):
+        transformer(**kwargs)
