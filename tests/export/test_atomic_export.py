@@ -16,7 +16,7 @@ from tests.export.common import wan_kwargs, wan_pipe
 from tests.export.tamper import copy_export
 
 
-def _fail_mid_write(monkeypatch, after: int = 2) -> list[str]:
+def _fail_mid_write(monkeypatch, after: int) -> list[str]:
     """Make the ONNX writer write half of its (after+1)-th file, then fail as a full disk does."""
     written: list[str] = []
     original = exporter_module._OnnxWriter.write
@@ -39,11 +39,11 @@ def _leftovers(parent, name: str) -> list[str]:
 
 
 def test_export_failing_mid_write_leaves_nothing(tmp_path, monkeypatch):
-    written = _fail_mid_write(monkeypatch)
+    written = _fail_mid_write(monkeypatch, after=1)
     out = tmp_path / "new"
     with pytest.raises(OSError, match="No space left on device"):
         export(wan_pipe(), wan_kwargs(1), out, variants=())
-    assert len(written) == 2  # it failed mid-way, not before writing
+    assert len(written) == 1  # it failed mid-way (one file written, the next cut short), not before writing
     assert not out.exists() and _leftovers(tmp_path, "new") == []
 
 
@@ -52,7 +52,7 @@ def test_reexport_replaces_whole_or_not_at_all(export_dir, tmp_path, monkeypatch
     out = copy_export(src, tmp_path / "target")
     before = Manifest.load(out)
     # A re-export that fails mid-write leaves the earlier export as it was: it loads and verifies.
-    _fail_mid_write(monkeypatch)
+    _fail_mid_write(monkeypatch, after=0)
     with pytest.raises(OSError):
         export(wan_pipe(), wan_kwargs(1), out, variants=(), policy="none")
     monkeypatch.undo()
