@@ -4,7 +4,8 @@ Phases: capture (trace through the backend, keep the plan and the example calls)
 (run every stage and variant once per exported input signature on the eager graphs, keeping
 their arguments, outputs and FLOPs), write (ONNX files or saved inductor artifacts, one
 export/compile per structural key and signature), verify (every file against the eager
-stage), and the manifest.
+stage), and the manifest with the SHA-256 of every file. Everything is written into a staging
+directory beside the target and moved into place at the end (staging.py, Note [atomic export]).
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,7 +45,7 @@ def staging(out: Path) -> Iterator[Path]:
     ``out`` (Note [atomic export]) if it returns."""
     check_target(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    tmp = _fresh_dir(out.parent, f".{out.name}.staging-")
     try:
         yield tmp
         check_target(out)  # it may have changed while we wrote
@@ -66,7 +66,7 @@ def publish(tmp: Path, out: Path) -> None:
     if _exchange(tmp, out):
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old export
         return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    old = _fresh_dir(out.parent, f".{out.name}.old-")
     os.rename(out, old / "export")
     try:
         os.rename(tmp, out)
@@ -74,6 +74,19 @@ def publish(tmp: Path, out: Path) -> None:
         os.rename(old / "export", out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new directory ``parent/prefix<random>`` made with ``mkdir``, so it gets the umask's
+    permissions as a plain ``mkdir`` of the target would (``tempfile.mkdtemp`` makes it 0700,
+    which after the rename would hide the export from other users)."""
+    while True:
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _exchange(a: Path, b: Path) -> bool:

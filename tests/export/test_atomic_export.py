@@ -65,6 +65,8 @@ def test_reexport_replaces_whole_or_not_at_all(export_dir, tmp_path, monkeypatch
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     assert on_disk == set(after.files) | {"manifest.json"}
     assert _leftovers(tmp_path, "target") == []
+    (tmp_path / "plain").mkdir()  # the export gets the permissions a plain mkdir would give it
+    assert out.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     ExportedTransformer(out)
 
 
