@@ -8,10 +8,14 @@ artifacts) plus a manifest, run by the same ``CacheSession`` state machine.
 
 TensorRT: ``tensorrt.build_engines(directory)`` (needs CUDA and the ``tensorrt`` extra), then
 ``ExportedTransformer(directory, "tensorrt")``. Saved inductor artifacts:
-``export(..., format="inductor")`` then ``ExportedTransformer(directory)``. See docs/export.md.
+``export(..., format="inductor")`` then ``ExportedTransformer(directory)``: these execute code
+when loaded, so load them only from sources you trust. Loading checks every file against the
+SHA-256 the manifest records (``IntegrityError``). See docs/export.md.
 """
 
+from .compat import ExportVersionError, ExportVersionWarning
 from .exporter import VARIANTS, ExportReport, export
+from .integrity import IntegrityError
 from .manifest import MANIFEST_NAME, VERSION, Manifest, ManifestError
 from .onnx_export import ExportError
 from .ort_runtime import OrtTransformer
@@ -27,5 +31,5 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "export", "ExportReport", "VARIANTS", "Manifest", "ManifestError", "MANIFEST_NAME", "VERSION", "ExportError",
-    "ExportedTransformer", "OrtTransformer", "load", "main",
+    "ExportedTransformer", "OrtTransformer", "load", "main", "IntegrityError", "ExportVersionError", "ExportVersionWarning",
 ]

@@ -57,6 +57,16 @@ def kernel_cache(directory: Path):
     return temporary_cache_dir(str(cache.resolve()))
 
 
+def kernel_files(export_dir: Path) -> set[str]:
+    """The files of ``<export>/inductor/cache`` (relative to the export) that loading reads:
+    everything but lock files, which inductor creates and deletes as it goes."""
+    cache = Path(export_dir) / "inductor" / "cache"
+    if not cache.is_dir():
+        return set()
+    return {p.relative_to(export_dir).as_posix() for p in cache.rglob("*")
+            if p.is_file() and not p.is_symlink() and "locks" not in p.relative_to(cache).parts and p.suffix != ".lock"}
+
+
 class InductorArtifactLoader:
     """Loads saved artifacts (``CompiledArtifact.load``); takes the parameters as inputs."""
 

@@ -4,7 +4,8 @@ Phases: capture (trace through the backend, keep the plan and the example calls)
 (run every stage and variant once per exported input signature on the eager graphs, keeping
 their arguments, outputs and FLOPs), write (ONNX files or saved inductor artifacts, one
 export/compile per structural key and signature), verify (every file against the eager
-stage), and the manifest.
+stage), and the manifest with the SHA-256 of every file. Everything is written into a staging
+directory beside the target and moved into place at the end (staging.py, Note [atomic export]).
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ from ..passes.stage_graph import StageGraph
 from ..policies import make_policy
 from ..runtime.flops import count_flops
 from .capture import Capture, capture
+from .compat import running_versions
+from .integrity import record_files
 from .manifest import (
     FORMATS, Manifest, ManifestError, StageEntry, StageFile, dtype_name, encode_value, plan_to_json, tensor_meta,
 )
 from .onnx_export import ExportError, StageIO, WeightFile, describe_io, export_onnx, graph_key, with_params
+from .staging import staging
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +94,19 @@ def export(
     start = time.perf_counter()
     _check_request(format, dynamic_shapes, policy, policy_options, variants)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staging(out) as tmp:  # Note [atomic export]: nothing appears at ``out`` until every file is written
+        manifest, writer, max_err = _write_export(
+            obj, call_kwargs, tmp, format=format, policy=policy, cfg=cfg, branch_order=branch_order,
+            batch_order=batch_order, variants=variants, verify=verify, atol=atol, opset=opset, policy_options=policy_options,
+        )
+    return ExportReport(out, manifest, writer.graphs, writer.files, time.perf_counter() - start, max_err)
+
+
+def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: str, policy: str, cfg: str,
+                  branch_order: tuple[str, str], batch_order: tuple[str, str], variants: Sequence[str], verify: bool,
+                  atol: float, opset: int | None, policy_options: dict[str, Any]) -> tuple[Manifest, Any, float | None]:
+    """Capture, walk, write every file into ``out`` (the staging directory), record the
+    SHA-256 of each and write the manifest last."""
     cap = capture(obj, call_kwargs, cfg)
     runner = cap.runner
     _check_static(cap)
@@ -144,10 +160,11 @@ def export(
         session={"cfg": cfg, "branch_order": list(branch_order), "batch_order": list(batch_order),
                  "batched_context": any(c.batched for c in cap.calls)},
         weights=writer.weights_json(),
-        created_with=_versions(),
+        created_with=running_versions(),
     )
+    manifest.files = record_files(out, manifest.named_files() | writer.extra_files())
     manifest.save(out)
-    return ExportReport(out, manifest, writer.graphs, writer.files, time.perf_counter() - start, max_err)
+    return manifest, writer, max_err
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -305,6 +322,9 @@ class _OnnxWriter:
     def finish(self) -> None:
         self.weights.close()
 
+    def extra_files(self) -> set[str]:
+        return set()  # the stage files and weights.bin are all the runtime reads
+
     def weights_json(self) -> dict:
         return {"file": f"onnx/{self.weights.name}", "bytes": self.weights.size, "unique_tensors": self.weights.unique_tensors}
 
@@ -347,6 +367,12 @@ class _InductorWriter:
         from safetensors.torch import save_file
 
         save_file(self._params, str(self.dir / "params.safetensors"))
+
+    def extra_files(self) -> set[str]:
+        """The built kernels in ``inductor/cache`` (Note [kernel cache]): loading runs them."""
+        from .artifacts import kernel_files
+
+        return kernel_files(self.out)
 
     def weights_json(self) -> dict:
         return {"file": "inductor/params.safetensors", "tensors": len(self._params)}
@@ -434,15 +460,3 @@ def _inputs_json(runner: Any) -> dict:
     info = runner.inputs
     return {"user_tensors": info.user_tensors, "timestep": info.timestep, "batch_inputs": info.batch_inputs,
             "symint_sources": {str(k): list(v) for k, v in info.symint_sources.items()}, "batch_symbolic": info.batch_symbolic}
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("torch", "mixcache-compile", "diffusers", "onnx", "onnxscript", "onnxruntime"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out

@@ -27,10 +27,12 @@ from ..passes.plan import BlockStage, StagePlan
 from ..passes.stage_graph import StageGraph
 from ..policies.protocol import Action, ActionKind
 from ..runtime.inputs import InputInfo
+from .integrity import ALGORITHM, IntegrityError, check_relative, manifest_digest
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mixcache-export"
-VERSION = 1
+# Version 2: the manifest records the SHA-256 and size of every file it names and its own digest.
+VERSION = 2
 FORMATS = ("onnx", "inductor")
 
 
@@ -174,6 +176,7 @@ class Manifest:
     session: dict  # {"cfg", "branch_order", "batch_order", "batched_context"}
     weights: dict = field(default_factory=dict)
     created_with: dict = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)  # rel path -> {"sha256": hex, "bytes": n}, every file named
     version: int = VERSION
 
     def to_json(self) -> dict:
@@ -181,32 +184,66 @@ class Manifest:
             "format_name": FORMAT_NAME, "version": self.version, "format": self.format, "created_with": self.created_with,
             "model": self.model, "call": self.call, "inputs": self.inputs, "plan": self.plan,
             "stages": {k: s.to_json() for k, s in self.stages.items()}, "signatures": self.signatures,
-            "policy": self.policy, "session": self.session, "weights": self.weights,
+            "policy": self.policy, "session": self.session, "weights": self.weights, "files": self.files,
         }
 
+    def named_files(self) -> set[str]:
+        """Every file the runtime reads: stage files and the weights."""
+        names = {f.file for e in self.stages.values() for f in e.files.values()}
+        if self.weights.get("file"):
+            names.add(self.weights["file"])
+        return names
+
     def save(self, directory: str | Path) -> Path:
+        """Write ``manifest.json`` with its own digest. Note [every named file is recorded]:
+        ``files`` must hold a record of every file ``named_files`` lists (export fills it from
+        the finished files), so that loading can check everything it will read."""
+        unrecorded = sorted(self.named_files() - set(self.files))
+        if unrecorded:
+            raise ManifestError(f"no SHA-256 recorded for {unrecorded}: record every file before saving the manifest")
+        body = self.to_json()
+        body["integrity"] = {"algorithm": ALGORITHM, "manifest": manifest_digest(body)}
         path = Path(directory) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=1, sort_keys=False))
+        path.write_text(json.dumps(body, indent=1, sort_keys=False))
         return path
 
     @staticmethod
-    def load(directory: str | Path) -> Manifest:
+    def load(directory: str | Path, verify: bool = True) -> Manifest:
+        """Read and check ``manifest.json``: format, version, and (unless ``verify=False``) its
+        own digest and that it records every file it names. The files themselves are checked
+        by ``integrity.verify_files`` (``ExportedTransformer`` does it at construction)."""
         path = Path(directory) / MANIFEST_NAME
         if not path.is_file():
             raise ManifestError(f"no {MANIFEST_NAME} in {directory}: not an export directory (write one with mixcache_compile.export.export)")
-        d = json.loads(path.read_text())
-        if d.get("format_name") != FORMAT_NAME:
+        try:
+            d = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise IntegrityError(f"{path} is not valid JSON ({err}): the manifest is corrupted; copy or export again") from None
+        if not isinstance(d, dict) or d.get("format_name") != FORMAT_NAME:
             raise ManifestError(f"{path} is not a mixcache export manifest")
+        recorded = d.get("integrity") if isinstance(d.get("integrity"), dict) else None
+        if verify and recorded is not None and recorded.get("manifest") != manifest_digest(d):
+            raise IntegrityError(f"{path} does not match its own recorded SHA-256: the manifest is corrupted or was edited "
+                                 "after export; copy or export again (or load with verify=False to skip every check)")
         if d.get("version") != VERSION:
             raise ManifestError(f"{path} has manifest version {d.get('version')}; this mixcache_compile reads version {VERSION}: export again")
+        if verify and recorded is None:
+            raise IntegrityError(f"{path} records no digest of itself; it cannot be checked (export again, or load with verify=False)")
         if d.get("format") not in FORMATS:
             raise ManifestError(f"{path} has format {d.get('format')!r}; known formats: {', '.join(FORMATS)}")
-        return Manifest(
+        manifest = Manifest(
             format=d["format"], model=d["model"], call=d["call"], inputs=d["inputs"], plan=d["plan"],
             stages={k: StageEntry.from_json(s) for k, s in d["stages"].items()}, signatures=d["signatures"],
             policy=d["policy"], session=d["session"], weights=d.get("weights", {}), created_with=d.get("created_with", {}),
-            version=d["version"],
+            files=d.get("files", {}), version=d["version"],
         )
+        for rel in manifest.named_files() | set(manifest.files):
+            check_relative(rel)
+        if verify:
+            unrecorded = sorted(manifest.named_files() - set(manifest.files))
+            if unrecorded:
+                raise IntegrityError(f"{path} names {unrecorded} without a SHA-256 record; export again")
+        return manifest
 
     # ---- rebuilding runtime objects ------------------------------------------------------
     def input_info(self) -> InputInfo:

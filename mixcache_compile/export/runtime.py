@@ -26,6 +26,8 @@ from ..api import _BATCHED_CONTEXT_NAMES, _pipeline_does_cfg
 from ..passes.stage_graph import StageGraph
 from ..runtime.executor import StageRunner
 from ..runtime.session import CacheSession
+from .compat import check_versions
+from .integrity import verify_files
 from .manifest import Manifest, StageFile, decode_value, dtype_name
 from .onnx_export import ExportError
 
@@ -69,10 +71,11 @@ def make_loader(engine: str, manifest: Manifest, **options: Any) -> Loader:
 class ManifestEngine:
     """An ``Engine`` over exported files: one callable per stage file, loaded on first use."""
 
-    def __init__(self, manifest: Manifest, directory: Path, loader: Loader) -> None:
+    def __init__(self, manifest: Manifest, directory: Path, loader: Loader, verify: bool = True) -> None:
         self.manifest = manifest
         self.directory = directory
         self.loader = loader
+        self.verify = verify
         self.name = loader.name
         self.loads = 0
         self._raw: dict[str, Callable[..., Sequence[torch.Tensor]]] = {}
@@ -93,6 +96,12 @@ class ManifestEngine:
         f = self.file_for(stage, args)
         raw = self._raw.get(f.file)
         if raw is None:
+            if self.verify:
+                # Files load lazily, possibly long after construction checked them: check every
+                # file again (a stat each, Note [verified once per process]; a loader may read
+                # weights or kernels beside its file) so one changed since, e.g. by a re-export
+                # into this directory, is refused rather than run with this manifest.
+                verify_files(self.directory, self.manifest.files)
             raw = self._raw[f.file] = self.loader.load(self.directory / f.file)
             self.loads += 1
         data_idx = [i for i, k in enumerate(f.kinds) if k == "data"]
@@ -181,11 +190,15 @@ class ExportedTransformer(torch.nn.Module):
         policy: str | None = None,
         cfg: str | None = None,
         engine_options: dict[str, Any] | None = None,
+        verify: bool = True,
         **policy_options: Any,
     ) -> None:
         super().__init__()
         self.directory = Path(directory)
-        manifest = Manifest.load(self.directory)
+        manifest = Manifest.load(self.directory, verify=verify)
+        check_versions(manifest.format, manifest.created_with, str(self.directory))
+        if verify:  # before any file is handed to a loader: nothing corrupted runs
+            verify_files(self.directory, manifest.files)
         engine = engine or DEFAULT_ENGINE[manifest.format]
         loader = make_loader(engine, manifest, **(engine_options or {}))
         if session is None:
@@ -200,7 +213,7 @@ class ExportedTransformer(torch.nn.Module):
             raise TypeError("give the policy and cfg to the CacheSession, not next to it")
         self.manifest = manifest
         self.session = session
-        self.engine = ManifestEngine(manifest, self.directory, loader)
+        self.engine = ManifestEngine(manifest, self.directory, loader, verify=verify)
         self.runner = ManifestRunner(manifest, self.engine, session)
         self._placeholders = manifest.call["placeholders"]
         self._forward_params = manifest.model["forward_params"]

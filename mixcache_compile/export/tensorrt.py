@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .integrity import IntegrityError, check_relative, verify_files
 from .manifest import Manifest
 from .onnx_export import ExportError
 
@@ -77,10 +78,13 @@ class EngineSet:
 
 
 def build_engines(directory: str | Path, *, builder: Builder | None = None,
-                  settings: TensorRTSettings | None = None) -> EngineSet:
-    """Build (or reuse, when the ONNX file is unchanged) one TensorRT plan per stage file."""
+                  settings: TensorRTSettings | None = None, verify: bool = True) -> EngineSet:
+    """Build (or reuse, when the ONNX file is unchanged) one TensorRT plan per stage file.
+    The export is checked first (``verify=False`` skips it): no plan is built from a corrupted file."""
     directory = Path(directory)
-    manifest = Manifest.load(directory)
+    manifest = Manifest.load(directory, verify=verify)
+    if verify:
+        verify_files(directory, manifest.files)
     if manifest.format != "onnx":
         raise ExportError(f"TensorRT engines are built from an ONNX export; {directory} holds a {manifest.format} export")
     builder = builder or OnnxParserBuilder()
@@ -96,11 +100,12 @@ def build_engines(directory: str | Path, *, builder: Builder | None = None,
             digest = hashlib.sha1(src.read_bytes() + json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()
             rel = f"tensorrt/{Path(f.file).stem}.plan"
             known = index.get(f.file)
-            if known and known["sha1"] == digest and (directory / rel).is_file():
+            if known and known["sha1"] == digest and known.get("plan_sha256") and (directory / rel).is_file():
                 reused += 1
             else:
-                (directory / rel).write_bytes(builder.build(src, settings))
-                index[f.file] = {"plan": rel, "sha1": digest}
+                plan = builder.build(src, settings)
+                (directory / rel).write_bytes(plan)
+                index[f.file] = {"plan": rel, "sha1": digest, "plan_sha256": hashlib.sha256(plan).hexdigest()}
                 built += 1
             plans[f.file] = rel
     index_path.write_text(json.dumps(index, indent=1))
@@ -131,7 +136,15 @@ class TensorRTLoader:
         rel = path.relative_to(directory).as_posix()
         if rel not in self._index:
             raise ExportError(f"no TensorRT engine was built for {rel}: run build_engines again")
-        return self.builder.load((directory / self._index[rel]["plan"]).read_bytes())
+        record = self._index[rel]
+        plan_path = directory / check_relative(record["plan"])
+        if not plan_path.is_file():
+            raise IntegrityError(f"TensorRT plan {plan_path} is missing: run build_engines again")
+        plan = plan_path.read_bytes()
+        if hashlib.sha256(plan).hexdigest() != record.get("plan_sha256"):
+            raise IntegrityError(f"TensorRT plan {plan_path} does not match the SHA-256 build_engines recorded "
+                                 "(corrupted, or built by an older version): run build_engines again")
+        return self.builder.load(plan)
 
 
 class OnnxParserBuilder:

@@ -47,7 +47,7 @@ def test_manifest_names_every_stage_and_variant(exported):
     assert any(i.name.startswith("param_") for i in model.graph.initializer)
     assert report.graphs_exported < report.files
     raw = json.loads((out / "manifest.json").read_text())
-    assert raw["version"] == 1 and raw["policy"]["name"] == "static"
+    assert raw["version"] == 2 and raw["policy"]["name"] == "static"
     assert raw["plan"]["chains"][0][1]["stream_map"] and raw["plan"]["chains"][0][0]["attn_reused"]
     assert report.max_verify_error is not None and report.max_verify_error <= 1e-5
 

@@ -4,7 +4,6 @@ exported for; TensorRT without CUDA raises one clear error; a TensorRT engine se
 
 from __future__ import annotations
 
-import json
 from collections import UserList
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from mixcache_compile.export import ExportedTransformer, ExportError, Manifest, 
 from mixcache_compile.export import tensorrt as trt_export
 from mixcache_compile.export.ort_runtime import OrtLoader
 from tests.export.common import decisions, wan_kwargs, wan_pipe
+from tests.export.tamper import copy_export, flip_byte, rewrite_manifest
 from tests.tiny_models import wan
 
 
@@ -83,11 +83,9 @@ def test_runtime_refuses_unexported_shapes_arguments_and_engines(export_dir, tmp
     with torch.no_grad():
         torch.testing.assert_close(got, model(**kwargs)[0], rtol=0, atol=1e-5)
     # A manifest of another version is refused, naming both versions.
-    bad = tmp_path / "old"
-    bad.mkdir()
-    raw = json.loads((out / "manifest.json").read_text())
-    (bad / "manifest.json").write_text(json.dumps({**raw, "version": 99}))
-    with pytest.raises(ManifestError, match="manifest version 99; this mixcache_compile reads version 1"):
+    bad = copy_export(out, tmp_path / "old")
+    rewrite_manifest(bad, lambda raw: raw.update(version=99))
+    with pytest.raises(ManifestError, match="manifest version 99; this mixcache_compile reads version 2"):
         Manifest.load(bad)
     with pytest.raises(ManifestError, match="not an export directory"):
         Manifest.load(tmp_path)
@@ -108,10 +106,12 @@ def test_tensorrt_without_cuda_raises_one_clear_error(export_dir):
 
 
 class FakeBuilder:
-    """Stands in for TensorRT: a "plan" names the ONNX file; loading it runs onnxruntime."""
+    """Stands in for TensorRT: a "plan" names the ONNX file it was built from; loading it runs
+    onnxruntime on that file and records which file it was."""
 
     def __init__(self):
         self.built: list[str] = []
+        self.loaded: list[Path] = []
 
     def build(self, onnx_path: Path, settings) -> bytes:
         self.built.append(onnx_path.name)
@@ -120,27 +120,48 @@ class FakeBuilder:
     def load(self, plan: bytes):
         head, _, path = plan.partition(b"\n")
         assert head == b"FAKEPLAN"
+        self.loaded.append(Path(path.decode()))
         return OrtLoader(threads=1).load(Path(path.decode()))
 
 
-def test_tensorrt_engine_set_assembles_with_a_fake_builder(export_dir):
-    out, report = export_dir("wan")
+def test_tensorrt_engine_set_assembly_with_a_fake_builder(export_dir, tmp_path):
+    """What this checks is the engine-set assembly around TensorRT (which needs a GPU this
+    machine lacks): one plan per stage file, rebuilt only when its file or the settings change,
+    plans checked against their recorded SHA-256, and the loader handing each stage the plan
+    built from that stage's file. The numbers come from onnxruntime behind the fake builder, so
+    the outputs equal the onnxruntime engine's exactly unless a stage got another stage's plan."""
+    out = copy_export(export_dir("wan")[0], tmp_path / "export")
     manifest = Manifest.load(out)
     files = {f.file for e in manifest.stages.values() for f in e.files.values()}
     builder = FakeBuilder()
     engines = trt_export.build_engines(out, builder=builder)
     assert engines.built == len(files) == len(builder.built) and engines.reused == 0
     assert set(engines.plans) == files and all((out / p).is_file() for p in engines.plans.values())
+    assert sorted(builder.built) == sorted(f.rsplit("/", 1)[-1] for f in files)
     again = trt_export.build_engines(out, builder=FakeBuilder())
     assert again.built == 0 and again.reused == len(files)  # unchanged files: nothing rebuilt
-    # The assembled set runs the same state machine: same decisions, same output as onnxruntime.
+    fp16 = trt_export.build_engines(out, builder=FakeBuilder(), settings=trt_export.TensorRTSettings(fp16=True))
+    assert fp16.built == len(files)  # other settings: every plan rebuilt
+    # The assembled set runs the same state machine; each stage runs the plan of its own file.
     schedule = {2: "step", (3, "uncond"): "cfg", 4: "block:1-3", 5: "attn:0,1,2"}
     results = {}
-    for engine, options in (("tensorrt", {"builder": FakeBuilder()}), ("onnxruntime", {})):
+    runner = FakeBuilder()
+    for engine, options in (("tensorrt", {"builder": runner}), ("onnxruntime", {})):
         pipe = wan_pipe()
         t = ExportedTransformer(out, engine, engine_options=options, policy="static", schedule=schedule).install(pipe)
         with torch.no_grad():
-            results[engine] = (pipe(**wan_kwargs(8)).frames, decisions(t.session.trace), t.engine.loads)
+            results[engine] = (pipe(**wan_kwargs(8)).frames, decisions(t.session.trace), set(t.engine._raw))
     assert results["tensorrt"][1] == results["onnxruntime"][1]
     torch.testing.assert_close(results["tensorrt"][0], results["onnxruntime"][0], rtol=0, atol=0)
-    assert results["tensorrt"][2] > 0
+    assert sorted(runner.loaded) == sorted((out / f).resolve() for f in results["tensorrt"][2]) and runner.loaded
+    # A corrupted plan is refused when loaded; a corrupted export is refused before building.
+    plan = out / engines.plans[manifest.stages["prologue"].files["s0"].file]  # every call runs the prologue
+    flip_byte(plan, 0)
+    with pytest.raises(trt_export.IntegrityError, match="does not match the SHA-256 build_engines recorded"):
+        pipe = wan_pipe()
+        ExportedTransformer(out, "tensorrt", engine_options={"builder": FakeBuilder()}, policy="none").install(pipe)
+        with torch.no_grad():
+            pipe(**wan_kwargs(1))
+    flip_byte(out / manifest.weights["file"])
+    with pytest.raises(trt_export.IntegrityError, match="weights.bin has SHA-256"):
+        trt_export.build_engines(out, builder=FakeBuilder())
