@@ -357,7 +357,7 @@ def _more_aggressive(value: int | float) -> int | float:
 
 def build_methods(cfg: BenchConfig) -> tuple[list[Method], list[dict[str, str]]]:
     """All methods (baseline first) and the ones that could not be included, with why."""
-    from ..policies import POLICIES, _policy_class
+    from ..policies import POLICIES, config_class
 
     skipped: list[dict[str, str]] = []
     methods = [Method("baseline:uncached", "baseline", "", _baseline_setup, True, "torch.compile(pipe.transformer, fullgraph=True)")]
@@ -376,7 +376,7 @@ def build_methods(cfg: BenchConfig) -> tuple[list[Method], list[dict[str, str]]]
         if name in ("none", "static"):
             continue
         try:
-            cls = _policy_class(name)
+            cls = config_class(name)  # its fields are the options, with their defaults
             knob, default = main_knob(cls)
         except Exception as err:  # ValueError from the registry, or an import-time error
             skipped.append({"method": f"mixcache:{name}", "reason": f"{type(err).__name__}: {err}"})

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..policies import make_policy
+from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
@@ -60,8 +60,9 @@ class _Call:
 class CacheSession:
     """State of caching across the calls of a denoising loop.
 
-    ``policy``: a name from ``mixcache_compile.policies.POLICIES`` or a policy object, with
-    its options as keyword arguments. ``cfg``: "auto" (separate branch calls, told apart by
+    ``policy``: a config (``FbCacheConfig(threshold=0.1)``), a name from
+    ``mixcache_compile.policies.POLICIES`` with its options as keyword arguments (a shortcut
+    that builds the config), or a policy object; default ``DEFAULT_POLICY``. ``cfg``: "auto" (separate branch calls, told apart by
     context names or by call order within a timestep), "separate", "batched" (one call
     carries ``batch_order`` halves), or "none". ``branch_order``: the order of the two branch
     calls of a step when no context names them (diffusers pipelines call cond first).
@@ -69,7 +70,7 @@ class CacheSession:
 
     def __init__(
         self,
-        policy: str | Policy = "none",
+        policy: str | PolicyConfig | Policy = DEFAULT_POLICY,
         *,
         cfg: str = "auto",
         branch_order: tuple[str, str] = ("cond", "uncond"),
