@@ -150,6 +150,13 @@ class CacheSession:
             "cache_allocations": self._store.allocations,
         }
 
+    def summary(self) -> str:
+        """A short human-readable table of what the cache did since the last ``reset_stats()``:
+        calls, actions by kind per branch, computed fraction, fallbacks with reasons, cache memory."""
+        from .summary import format_summary
+
+        return format_summary(self.policy, self.stats(), self.trace)
+
     def reset_stats(self) -> None:
         """Zero the statistics and the trace (caches and position are kept)."""
         self._reset_counters()
