@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..policies.protocol import Action
+
 # Column order of the action table; kinds a policy never ran are left out.
 _KINDS = ("FULL", "STEP", "CFG", "BLOCK", "ATTN")
 _BRANCHES = ("cond", "uncond", "batch")
@@ -42,23 +44,32 @@ def describe_policy(policy: Any) -> str:
     config = getattr(policy, "config", None)
     if config is None or not dataclasses.is_dataclass(config):
         return name
-    changed = []
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = dataclasses.MISSING
-        value = getattr(config, f.name)
-        if value != default:
-            changed.append(f"{f.name}={_short(value)}")
+    try:
+        defaults = type(config)()  # normalised defaults, so "step" and Action(STEP) compare equal
+    except Exception:  # a config without defaults for every field: show every field
+        defaults = None
+    changed = [
+        f"{f.name}={_brief(getattr(config, f.name))}"
+        for f in dataclasses.fields(config)
+        if defaults is None or getattr(config, f.name) != getattr(defaults, f.name)
+    ]
     return f"{name}({', '.join(changed)})" if changed else f"{name} (defaults)"
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
+def _brief(value: Any, limit: int = 60) -> str:
+    """A one-line form of an option value: actions as their ``str``, cut at ``limit`` characters."""
+    text = _spell(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _spell(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_spell(k)}: {_spell(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (frozenset, set)):
+        return "{" + ", ".join(_spell(v) for v in sorted(value)) + "}"
+    if isinstance(value, (Action, float)):
+        return str(value) if isinstance(value, Action) else f"{value:g}"
+    return repr(value)
 
 
 def _action_table(trace: Sequence[Any]) -> list[str]:
