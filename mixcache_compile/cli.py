@@ -1,4 +1,10 @@
-"""The ``mixcache`` command: ``demo`` and ``bench`` (more subcommands arrive with their issues)."""
+"""The ``mixcache`` command: ``demo``, ``bench``, ``calibrate`` and ``export``.
+
+Every command that runs for more than a few seconds shows progress bars on an interactive
+terminal and takes ``--quiet`` (Note [quiet progress] in ``progress.py``); ``demo`` prints the
+cached session's ``summary()``. ``bench``, ``calibrate`` and ``export`` parse their own
+arguments (``mixcache bench --help``).
+"""
 
 from __future__ import annotations
 
@@ -36,9 +42,14 @@ def demo(
     repeats: Annotated[int, typer.Option(help="timed repetitions (median)")] = 3,
     out: Path = Path("out/demo"),
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="policy option KEY=VALUE (JSON value)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """Generate one video with the shipped model, uncached and cached; write GIFs and a timeline."""
+    """Generate one video with the shipped model, uncached and cached; write GIFs, a timeline and
+    print the comparison and the cached session's summary."""
     from .eval.demo import run_demo, summary
+    from .progress import set_quiet
+
+    set_quiet(quiet)
 
     result = run_demo(prompt, policy, engine, steps, guidance, seed, repeats, out, _parse_options(option or []))
     typer.echo(summary(result))

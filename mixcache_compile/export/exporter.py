@@ -20,6 +20,7 @@ import torch
 
 from ..passes.stage_graph import StageGraph
 from ..policies import PolicyConfig, make_config
+from ..progress import progress
 from ..runtime.flops import count_flops
 from .capture import Capture, capture
 from .manifest import (
@@ -104,10 +105,13 @@ def export(
     max_err: float | None = 0.0 if verify else None
     sig_json: dict[str, dict] = {}
     flops_of: dict[str, int] = {}
+    bar = progress(desc=f"export ({format})", total=sum(len(c) for c in calls_by_sig.values()), unit="stage")
     for sig_id, calls in calls_by_sig.items():
         args, half_of = signatures[sig_id]
         full = 0
         for call in calls:
+            bar.update()
+            bar.set_postfix_str(call.stage.name[:40])
             entry = entries.get(call.stage.name)
             if entry is None:
                 entry = entries[call.stage.name] = StageEntry(
@@ -131,6 +135,7 @@ def export(
             if verify:
                 max_err = max(max_err, writer.verify(file, call, io, atol))
         sig_json[sig_id] = {"user": [tensor_meta(args[i]) for i in runner.inputs.user_tensors], "full_flops": full, "half_of": half_of}
+    bar.close()
     writer.finish()
     manifest = Manifest(
         format=format,
