@@ -167,3 +167,19 @@ def test_register_policy_adds_a_name(monkeypatch):
     policy = make_policy("every_other_test", offset=1)
     assert isinstance(policy, EveryOther) and policy.config == EveryOtherConfig(offset=1)
     assert PolicyConfig.from_json(policy.config.to_json()) == EveryOtherConfig(offset=1)
+
+
+def test_manifest_policy_entry_round_trips_and_reads_old_entries():
+    from mixcache_compile.export.manifest import ManifestError, policy_from_json, policy_to_json
+
+    for name in POLICIES:
+        config = make_config(name, **NON_DEFAULT[name])
+        entry = json.loads(json.dumps(policy_to_json(config)))
+        assert entry["name"] == name and policy_from_json(entry) == config
+    # Manifests written before configs: {"name", "options"} with manifest-encoded options.
+    old = {"name": "static", "options": {"__dict__": {"every": 3, "reuse": "cfg"}}}
+    assert policy_from_json(old) == make_config("static", every=3, reuse="cfg")
+    with pytest.raises(ManifestError, match="cannot record the policy in the manifest: FasterCacheConfig.attn_weight"):
+        policy_to_json(make_config("fastercache", attn_weight=lambda step, num_steps: 0.5))
+    with pytest.raises(ManifestError, match=r"cannot be rebuilt: threshold must be >= 0.0"):
+        policy_from_json({"name": "fbcache", "fields": {"threshold": -1}})
