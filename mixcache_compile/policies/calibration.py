@@ -23,7 +23,7 @@ smaller; likely because later steps wash out white noise but not the smooth erro
 difference); ``mixcache``'s shipped defaults come from ``"reuse"`` (see mixcache.py).
 
 The result (``{"sensitivities": {...}, "raw": {...}, ...}``) is saved as a small JSON that
-``MixCachePolicy(calibration=path)`` reads. Branches are told apart by the pipeline's
+``MixCacheConfig(calibration=path)`` reads. Branches are told apart by the pipeline's
 ``cache_context`` names ("cond", "uncond", "cond_uncond" = batch-concatenated, uncond half
 first as diffusers pipelines concatenate), else by call order within a step (cond first);
 steps by the timestep input.
