@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .engines import ENGINES
+from .policies import DEFAULT_POLICY, PolicyConfig, Policy
 from .runtime.session import CacheSession
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ _BATCHED_CONTEXT_NAMES = {"cond_uncond"}
 
 def enable(
     pipe_or_model: Any,
-    policy: str = "none",
+    policy: str | PolicyConfig | Policy = DEFAULT_POLICY,
     engine: str = "inductor",
     *,
     cfg: str = "auto",
@@ -29,8 +30,10 @@ def enable(
     **policy_options: Any,
 ) -> CacheSession:
     """Compile ``pipe.transformer`` (or the model itself) with the mixcache backend and wire
-    the session to the pipeline's ``cache_context`` calls. Returns the session (``stats()``,
-    ``trace``, ``reset()``). The pipeline keeps working as before; its transformer is
+    the session to the pipeline's ``cache_context`` calls. ``policy``: a config
+    (``enable(pipe, FbCacheConfig(threshold=0.1))``), or a name with its options as keywords
+    (``enable(pipe, "fbcache", threshold=0.1)`` builds that config), or a policy object.
+    Returns the session (``summary()``, ``stats()``, ``trace``, ``reset()``). The pipeline keeps working as before; its transformer is
     replaced by the compiled module.
     """
     if engine not in ENGINES:

@@ -20,6 +20,7 @@ import torch.fx as fx
 from .engines import make_engine
 from .engines.base import Engine
 from .passes.plan import PlanError, plan_stages
+from .policies import DEFAULT_POLICY
 from .runtime.executor import StageRunner
 from .runtime.inputs import classify_inputs
 from .runtime.session import CacheSession
@@ -42,7 +43,7 @@ class BackendOptions:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
         session = options.get("session")
         if session is None:
-            session = CacheSession(options.get("policy", "none"))
+            session = CacheSession(options.get("policy", DEFAULT_POLICY))  # a name, a PolicyConfig or a Policy
         elif not isinstance(session, CacheSession):
             raise TypeError(f"options['session'] must be a CacheSession, got {type(session).__name__}")
         elif "policy" in options:

@@ -1,4 +1,10 @@
-"""The ``mixcache`` command: ``demo`` and ``bench`` (more subcommands arrive with their issues)."""
+"""The ``mixcache`` command: ``demo``, ``bench``, ``calibrate`` and ``export``.
+
+Every command that runs for more than a few seconds shows progress bars on an interactive
+terminal and takes ``--quiet`` (Note [quiet progress] in ``progress.py``); ``demo`` prints the
+cached session's ``summary()``. ``bench``, ``calibrate`` and ``export`` parse their own
+arguments (``mixcache bench --help``).
+"""
 
 from __future__ import annotations
 
@@ -37,10 +43,15 @@ def demo(
     out: Path = Path("out/demo"),
     option: Annotated[Optional[list[str]], typer.Option("--option", "-o", help="policy option KEY=VALUE (JSON value)")] = None,
     model: Annotated[str, typer.Option(help="shipped model: tiny (4 blocks, 64 tokens) or deep (8 blocks, 128 tokens)")] = "tiny",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """Generate one video with a shipped model, uncached and cached; write GIFs and a timeline."""
+    """Generate one video with a shipped model, uncached and cached; write GIFs, a timeline and
+    print the comparison and the cached session's summary."""
     from .eval.demo import run_demo, summary
+    from .progress import set_quiet
     from .zoo import weights_dir_for
+
+    set_quiet(quiet)
 
     try:
         weights_dir_for(model)

@@ -1,4 +1,5 @@
-"""Engines that run stage graphs: ``eager`` and ``inductor`` (exported engines come later)."""
+"""Engines that run stage graphs in-process: ``eager`` and ``inductor``. Exported stages (ONNX,
+TensorRT plans, saved inductor artifacts) run through ``mixcache_compile.export``'s loaders."""
 
 from __future__ import annotations
 

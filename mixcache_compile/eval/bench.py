@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from ..progress import add_quiet_flag
 from .peers import Peer, PeerContext, peer_sweep
 
 PROMPTS = ("red circle moving left", "blue square moving down", "green circle moving up", "yellow square moving right")
@@ -84,6 +85,7 @@ class BenchConfig:
     bench_frames: int = 2  # latent frames
     bench_size: int = 32  # latent height = width (patch 2x2: tokens = frames * (size / 2) ** 2)
     argv: list[str] = field(default_factory=list)
+    quiet: bool = False  # no progress bars
 
     @property
     def bench_tokens(self) -> int:
@@ -113,6 +115,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     p.add_argument("--bench-layers", type=int, default=None, help="blocks of the speed model (default 12; quick 2)")
     p.add_argument("--bench-frames", type=int, default=None, help="latent frames of the speed model's input (default 2)")
     p.add_argument("--bench-size", type=int, default=None, help="latent height=width of the speed model's input (default 32; quick 16)")
+    add_quiet_flag(p)
     a = p.parse_args(list(argv) if argv is not None else None)
     quick = a.quick
     cfg = BenchConfig(
@@ -130,6 +133,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         bench_frames=_pick(a.bench_frames, 2),
         bench_size=_pick(a.bench_size, 16 if quick else 32),
         argv=list(argv) if argv is not None else sys.argv[1:],
+        quiet=a.quiet,
     )
     if not 1 <= cfg.prompts <= len(PROMPTS):
         p.error(f"--prompts must be 1..{len(PROMPTS)}")
@@ -320,7 +324,8 @@ def _mixcache_method(policy: str, knobs: Callable[[Workload], dict[str, Any]] | 
 
         def stats() -> dict[str, Any]:
             s = session.stats()
-            return {"computed_fraction": s["computed_fraction"], "fallbacks": s["fallbacks"], "actions": s["actions"]}
+            return {"computed_fraction": s["computed_fraction"], "fallbacks": s["fallbacks"], "actions": s["actions"],
+                    "summary": session.summary()}
 
         return Handle(reset=session.reset, stats=stats, reset_stats=session.reset_stats,
                       calls=lambda: session.stats()["calls"])
@@ -357,7 +362,7 @@ def _more_aggressive(value: int | float) -> int | float:
 
 def build_methods(cfg: BenchConfig) -> tuple[list[Method], list[dict[str, str]]]:
     """All methods (baseline first) and the ones that could not be included, with why."""
-    from ..policies import POLICIES, _policy_class
+    from ..policies import POLICIES, config_class
 
     skipped: list[dict[str, str]] = []
     methods = [Method("baseline:uncached", "baseline", "", _baseline_setup, True, "torch.compile(pipe.transformer, fullgraph=True)")]
@@ -376,7 +381,7 @@ def build_methods(cfg: BenchConfig) -> tuple[list[Method], list[dict[str, str]]]
         if name in ("none", "static"):
             continue
         try:
-            cls = _policy_class(name)
+            cls = config_class(name)  # its fields are the options, with their defaults
             knob, default = main_knob(cls)
         except Exception as err:  # ValueError from the registry, or an import-time error
             skipped.append({"method": f"mixcache:{name}", "reason": f"{type(err).__name__}: {err}"})
@@ -453,7 +458,7 @@ def _new_row(method: Method, mode: str) -> dict[str, Any]:
         "cpu_time_s": None, "speedup_cpu": None,
         "psnr": None, "ssim": None, "psnr_min": None, "psnr_per_sample": [], "fidelity_from": None,
         "computed_fraction": None, "computed_fraction_speed": None, "psnr_speed_model": None,
-        "timing_group": None, "notes": [],
+        "timing_group": None, "notes": [], "session_summary": None,
     }
 
 
@@ -465,9 +470,9 @@ def _fail(row: dict[str, Any], phase: str, err: BaseException) -> None:
 
 
 def _progress(iterable: Any, desc: str, total: int | None = None) -> Any:
-    from tqdm.auto import tqdm
+    from ..progress import progress
 
-    return tqdm(iterable, desc=desc, total=total, unit="method", leave=True, dynamic_ncols=True, file=sys.stderr)
+    return progress(iterable, desc=desc, total=total, unit="method")
 
 
 def _fidelity(rows: dict[tuple[str, str], dict[str, Any]], methods: list[Method], work: ShippedWorkload) -> dict[str, Any]:
@@ -507,6 +512,7 @@ def _fidelity(rows: dict[tuple[str, str], dict[str, Any]], methods: list[Method]
         stats = handle.stats()
         if "computed_fraction" in stats:
             row["computed_fraction"] = stats["computed_fraction"]
+            row["session_summary"] = stats.get("summary")
             _fallback_notes(row, stats, "fidelity model")
         del pipe, handle
     return {"reference_range": [float(torch.cat(references).min()), float(torch.cat(references).max())]}
@@ -877,6 +883,11 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         lines += ["Not run:", ""] + [f"- `{s['method']}`: {s['reason']}" for s in skipped] + [""]
     if meta.get("warning"):
         lines += [f"**Warning:** {meta['warning']}", ""]
+    summaries = [(r["id"], r["mode"], r["session_summary"]) for r in rows if r.get("session_summary")]
+    if summaries:
+        lines += ["## Session summaries (fidelity runs, all samples)", ""]
+        for method, mode, text in summaries:
+            lines += [f"`{method}` ({mode}):", "", "```", text, "```", ""]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -885,8 +896,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    from ..progress import set_quiet
     from .pareto import plot_pareto
 
+    set_quiet(cfg.quiet)
     results = run(cfg)
     out = Path(cfg.out)
     write_json(results, out / "bench.json")

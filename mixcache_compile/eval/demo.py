@@ -17,6 +17,7 @@ import torch
 
 from ..api import enable
 from ..policies import make_policy
+from ..progress import is_quiet, progress
 from .metrics import psnr, ssim
 from .timeline import plot_timeline
 from .timing import interleaved_medians
@@ -39,6 +40,7 @@ class DemoResult:
     ssim: float
     actions: dict[str, int]
     files: dict[str, str]
+    session_summary: str = ""  # CacheSession.summary() of the cached pipeline over the timed generations
 
 
 def resolve_policy(policy: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -75,14 +77,21 @@ def run_demo(
     def generate(pipe) -> torch.Tensor:
         return pipe(generator=torch.Generator().manual_seed(seed), **call).frames
 
+    for pipe in (uncached_pipe, cached_pipe):  # the first runs show the pipeline's own bar (Note [quiet progress])
+        pipe.set_progress_bar_config(disable=True if is_quiet() else None)
     with torch.no_grad():
-        reference = generate(uncached_pipe)  # first runs show the pipeline's progress bar
+        reference = generate(uncached_pipe)
         video = generate(cached_pipe)
         for pipe in (uncached_pipe, cached_pipe):
             pipe.set_progress_bar_config(disable=True)
         cached.reset_stats()
-        times = interleaved_medians({"uncached": lambda: generate(uncached_pipe), "cached": lambda: generate(cached_pipe)},
-                                    repeats=repeats, warmup=0)
+        bar = progress(desc="timing uncached / cached", total=2 * repeats, unit="generation")
+
+        def ticking(pipe: Any) -> Any:
+            return lambda: (generate(pipe), bar.update())
+
+        times = interleaved_medians({"uncached": ticking(uncached_pipe), "cached": ticking(cached_pipe)}, repeats=repeats, warmup=0)
+        bar.close()
     stats = cached.stats()
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -95,6 +104,7 @@ def run_demo(
         model=model, prompt=prompt, policy=policy, engine=engine, steps=steps,
         speedup=times["uncached"] / times["cached"], computed_fraction=stats["computed_fraction"],
         psnr_db=psnr(video, reference), ssim=ssim(video, reference), actions=stats["actions"], files=files,
+        session_summary=cached.summary(),
     )
     (out / "demo.json").write_text(json.dumps(asdict(result), indent=2))
     return result
@@ -108,4 +118,7 @@ def summary(r: DemoResult) -> str:
         f"  PSNR vs uncached: {r.psnr_db:.2f} dB    SSIM: {r.ssim:.4f}",
         f"  actions: {r.actions}",
         *(f"  wrote {path}" for path in r.files.values()),
+        "",
+        "cached pipeline over the timed generations:",
+        r.session_summary,
     ])

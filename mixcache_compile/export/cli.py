@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from ..progress import add_quiet_flag, is_quiet, set_quiet
 from .exporter import VARIANTS, export
 from .manifest import FORMATS
 from .onnx_export import ExportError
@@ -21,7 +22,9 @@ def load_spec(spec: str, steps: int) -> tuple[Any, dict[str, Any]]:
     if spec == "zoo":
         from ..zoo import default_call_kwargs, load_pipeline
 
-        return load_pipeline(), {"prompt": "red circle moving left", **default_call_kwargs(num_inference_steps=steps)}
+        pipe = load_pipeline()
+        pipe.set_progress_bar_config(disable=True if is_quiet() else None)
+        return pipe, {"prompt": "red circle moving left", **default_call_kwargs(num_inference_steps=steps)}
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ExportError(f"model spec {spec!r} is neither 'zoo' nor 'module:function'")
@@ -60,11 +63,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default=",".join(VARIANTS), help="variant kinds to export (comma separated, may be empty)")
     p.add_argument("--dynamic", action="store_true", help="dynamic shapes (refused: exports are static)")
     p.add_argument("--no-verify", action="store_true", help="skip checking every file against the eager stage")
+    add_quiet_flag(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    set_quiet(args.quiet)
     try:
         fmt = "onnx" if args.format == "tensorrt" else args.format
         obj, call_kwargs = load_spec(args.model, args.steps)

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from ..passes.stage_graph import StageGraph
-from ..policies import make_policy
+from ..policies import PolicyConfig, make_config
+from ..progress import progress
 from ..runtime.flops import count_flops
 from .capture import Capture, capture
 from .compat import running_versions
 from .integrity import record_files
 from .manifest import (
-    FORMATS, Manifest, ManifestError, StageEntry, StageFile, dtype_name, encode_value, plan_to_json, tensor_meta,
+    FORMATS, Manifest, ManifestError, StageEntry, StageFile, dtype_name, plan_to_json, policy_to_json, tensor_meta,
 )
 from .onnx_export import ExportError, StageIO, WeightFile, describe_io, export_onnx, graph_key, with_params
 from .staging import staging
@@ -68,7 +69,7 @@ def export(
     out_dir: str | Path,
     *,
     format: str = "onnx",
-    policy: str = "none",
+    policy: str | PolicyConfig = "none",
     cfg: str = "auto",
     branch_order: tuple[str, str] = ("cond", "uncond"),
     batch_order: tuple[str, str] = ("uncond", "cond"),
@@ -85,14 +86,14 @@ def export(
     ``format``: "onnx" (one ONNX file per stage instance and input signature, parameters as
     initializers in a shared ``weights.bin``) or "inductor" (saved inductor artifacts, one per
     structural key and signature, parameters in ``params.safetensors``). ``policy`` and its
-    options, ``cfg``, ``branch_order`` and ``batch_order`` are recorded as the runtime's
+    options (or a ``PolicyConfig``), ``cfg``, ``branch_order`` and ``batch_order`` are recorded as the runtime's
     defaults. Every export is a static specialisation: the input shapes of the example calls
     (and, for a batch-concatenated CFG graph, the half batch its CFG reuse runs). Refuses,
     naming why, what it cannot honour: other formats, ``dynamic_shapes``, graphs with symbolic
     dimensions other than that batch, policy objects or options JSON cannot record.
     """
     start = time.perf_counter()
-    _check_request(format, dynamic_shapes, policy, policy_options, variants)
+    policy_config = _check_request(format, dynamic_shapes, policy, policy_options, variants)
     out = Path(out_dir)
     with staging(out) as tmp:  # Note [atomic export]: nothing appears at ``out`` until every file is written
         manifest, writer, max_err = _write_export(
@@ -120,10 +121,13 @@ def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: s
     max_err: float | None = 0.0 if verify else None
     sig_json: dict[str, dict] = {}
     flops_of: dict[str, int] = {}
+    bar = progress(desc=f"export ({format})", total=sum(len(c) for c in calls_by_sig.values()), unit="stage")
     for sig_id, calls in calls_by_sig.items():
         args, half_of = signatures[sig_id]
         full = 0
         for call in calls:
+            bar.update()
+            bar.set_postfix_str(call.stage.name[:40])
             entry = entries.get(call.stage.name)
             if entry is None:
                 entry = entries[call.stage.name] = StageEntry(
@@ -147,6 +151,7 @@ def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: s
             if verify:
                 max_err = max(max_err, writer.verify(file, call, io, atol))
         sig_json[sig_id] = {"user": [tensor_meta(args[i]) for i in runner.inputs.user_tensors], "full_flops": full, "half_of": half_of}
+    bar.close()
     writer.finish()
     manifest = Manifest(
         format=format,
@@ -156,7 +161,7 @@ def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: s
         plan=plan_to_json(runner.plan),
         stages=entries,
         signatures=sig_json,
-        policy={"name": policy, "options": encode_value(dict(policy_options))},
+        policy=policy_to_json(policy_config),
         session={"cfg": cfg, "branch_order": list(branch_order), "batch_order": list(batch_order),
                  "batched_context": any(c.batched for c in cap.calls)},
         weights=writer.weights_json(),
@@ -168,7 +173,7 @@ def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: s
 
 
 # ---- checks ------------------------------------------------------------------------------------
-def _check_request(format: str, dynamic_shapes: Any, policy: Any, options: dict, variants: Sequence[str]) -> None:
+def _check_request(format: str, dynamic_shapes: Any, policy: Any, options: dict, variants: Sequence[str]) -> PolicyConfig:
     if format not in FORMATS:
         hint = " (TensorRT engines are built from an ONNX export: mixcache_compile.export.tensorrt.build_engines)" if format == "tensorrt" else ""
         raise ExportError(f"unknown export format {format!r}; valid formats: {', '.join(FORMATS)}{hint}")
@@ -178,16 +183,17 @@ def _check_request(format: str, dynamic_shapes: Any, policy: Any, options: dict,
             f"{dynamic_shapes!r}: every file is exported at the example call's shapes (plus the half batch of "
             "batch-concatenated CFG); export each resolution to its own directory"
         )
-    if not isinstance(policy, str):
-        raise ExportError("give the policy by name (and options as keywords): a policy object cannot be written to the manifest")
-    make_policy(policy, **options)  # unknown names / options raise here, naming the valid ones
+    if not isinstance(policy, (str, PolicyConfig)):
+        raise ExportError("give the policy by name (and options as keywords) or as a PolicyConfig: a policy object cannot be written to the manifest")
+    config = make_config(policy, **options)  # unknown names / options / bad values raise here, naming the valid ones
     try:
-        encode_value(dict(options))
+        policy_to_json(config)
     except ManifestError as err:
         raise ExportError(str(err)) from None
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         raise ExportError(f"unknown variant kind(s) {unknown}; valid: {', '.join(VARIANTS)}")
+    return config
 
 
 def _check_static(cap: Capture) -> None:

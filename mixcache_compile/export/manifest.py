@@ -25,6 +25,7 @@ import torch
 
 from ..passes.plan import BlockStage, StagePlan
 from ..passes.stage_graph import StageGraph
+from ..policies import PolicyConfig, make_config
 from ..policies.protocol import Action, ActionKind
 from ..runtime.inputs import InputInfo
 from .integrity import ALGORITHM, IntegrityError, check_relative, manifest_digest
@@ -73,6 +74,25 @@ def decode_value(value: Any) -> Any:
     if "__pairs__" in value:
         return {_hashable(decode_value(k)): decode_value(v) for k, v in value["__pairs__"]}
     raise ManifestError(f"unknown encoded value {value!r}")
+
+
+def policy_to_json(config: PolicyConfig) -> dict:
+    """The manifest's ``policy`` entry: the config by name and fields (``PolicyConfig.to_json``)."""
+    try:
+        return config.to_json()
+    except TypeError as err:
+        raise ManifestError(f"cannot record the policy in the manifest: {err}") from None
+
+
+def policy_from_json(entry: Mapping[str, Any]) -> PolicyConfig:
+    """The config a manifest's ``policy`` entry records. Entries written before configs
+    existed (``{"name", "options"}``) are read through the keyword form."""
+    try:
+        if "fields" not in entry and "options" in entry:
+            return make_config(entry["name"], **decode_value(entry["options"]))
+        return PolicyConfig.from_json(entry)
+    except (TypeError, ValueError) as err:
+        raise ManifestError(f"the manifest's policy {dict(entry)!r} cannot be rebuilt: {err}") from None
 
 
 def _hashable(v: Any) -> Any:
@@ -172,7 +192,7 @@ class Manifest:
     plan: dict  # StagePlan wiring (stage names instead of graphs)
     stages: dict[str, StageEntry]
     signatures: dict[str, dict]  # id -> {"user": [[shape, dtype], ...], "full_flops": n, "half_of": id|None}
-    policy: dict  # {"name", "options"}
+    policy: dict  # PolicyConfig.to_json(): {"name", "fields"}
     session: dict  # {"cfg", "branch_order", "batch_order", "batched_context"}
     weights: dict = field(default_factory=dict)
     created_with: dict = field(default_factory=dict)

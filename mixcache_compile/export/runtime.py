@@ -24,11 +24,12 @@ import torch
 
 from ..api import _BATCHED_CONTEXT_NAMES, _pipeline_does_cfg
 from ..passes.stage_graph import StageGraph
+from ..policies import PolicyConfig
 from ..runtime.executor import StageRunner
 from ..runtime.session import CacheSession
 from .compat import check_versions
 from .integrity import verify_files
-from .manifest import Manifest, StageFile, decode_value, dtype_name
+from .manifest import Manifest, StageFile, dtype_name, policy_from_json
 from .onnx_export import ExportError
 
 
@@ -187,7 +188,7 @@ class ExportedTransformer(torch.nn.Module):
         engine: str | None = None,
         *,
         session: CacheSession | None = None,
-        policy: str | None = None,
+        policy: str | PolicyConfig | None = None,
         cfg: str | None = None,
         engine_options: dict[str, Any] | None = None,
         verify: bool = True,
@@ -206,7 +207,7 @@ class ExportedTransformer(torch.nn.Module):
             if policy is None:
                 if policy_options:
                     raise TypeError("policy options go with a policy name (policy=...)")
-                policy, policy_options = manifest.policy["name"], decode_value(manifest.policy["options"])
+                policy = policy_from_json(manifest.policy)
             session = CacheSession(policy, cfg=cfg or s["cfg"], branch_order=tuple(s["branch_order"]),
                                    batch_order=tuple(s["batch_order"]), **policy_options)
         elif policy is not None or policy_options or cfg is not None:

@@ -23,7 +23,7 @@ smaller; likely because later steps wash out white noise but not the smooth erro
 difference); ``mixcache``'s shipped defaults come from ``"reuse"`` (see mixcache.py).
 
 The result (``{"sensitivities": {...}, "raw": {...}, ...}``) is saved as a small JSON that
-``MixCachePolicy(calibration=path)`` reads. Branches are told apart by the pipeline's
+``MixCacheConfig(calibration=path)`` reads. Branches are told apart by the pipeline's
 ``cache_context`` names ("cond", "uncond", "cond_uncond" = batch-concatenated, uncond half
 first as diffusers pipelines concatenate), else by call order within a step (cond first);
 steps by the timestep input.
@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..progress import add_quiet_flag, set_quiet
 
 GRANULARITIES = ("step", "cfg", "block")
 MODES = ("gaussian", "reuse")
@@ -293,12 +295,16 @@ def calibrate(
         if model is model_or_pipe:
             raise TypeError("a bare model needs run=callable(seed) that runs one generation through it")
         run = _pipeline_runner(model_or_pipe, call_kwargs or {})
+    from ..progress import progress
+
     raw: dict[str, list[float]] = {g: [] for g in granularities}
     num_steps = 0
+    bar = progress(desc=f"calibrate ({mode})", total=len(seeds) * (1 + len(granularities) * len(at)), unit="generation")
     for seed in seeds:
         counter = Perturber(model, None, -1, noise, seed, Fn, Bn)
         with counter.installed():
             baseline = run(seed)
+        bar.update()
         num_steps = counter.steps_seen
         for g in granularities:
             for p in at:
@@ -307,9 +313,12 @@ def calibrate(
                 perturber = Perturber(model, g, step, noise, seed, Fn, Bn, mode)
                 with perturber.installed():
                     moved = run(seed)
+                bar.update()
+                bar.set_postfix_str(f"seed {seed}, {g} at {p:g}")
                 if perturber.errors:
                     error = sum(perturber.errors) / len(perturber.errors)
                     raw[g].append(_rel_l1(moved, baseline) / max(error, 1e-12))
+    bar.close()
     missing = [g for g, v in raw.items() if not v]
     if missing:
         raise ValueError(f"granularities {missing} were never perturbed (no CFG branch / no previous step?)")
@@ -342,6 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--Fn", type=int, default=1)
     p.add_argument("--Bn", type=int, default=1)
     p.add_argument("--mode", choices=MODES, default="gaussian", help="perturbation: Gaussian noise or the previous step's value")
+    add_quiet_flag(p)
     return p
 
 
@@ -363,6 +373,7 @@ def _load_target(spec: str, steps: int, prompt: str) -> tuple[Any, dict[str, Any
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    set_quiet(args.quiet)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     pipe, kwargs = _load_target(args.model, args.steps, args.prompt)
     result = calibrate(pipe, kwargs, noise=args.noise, at=args.at, seeds=args.seeds, Fn=args.Fn, Bn=args.Bn, mode=args.mode)

@@ -61,13 +61,15 @@ interval.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
+from .config import PolicyConfig, expect_config
 from .frequency import rebuild_from_delta
 from .protocol import CFG, FULL, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation
-from .schedules import StepWindow, WindowSpec, check_float, check_num_steps, check_positive_int, resolve_num_steps
+from .schedules import StepWindow, WindowSpec, check_float, check_num_steps, check_positive_int, resolve_num_steps, window_value
 
 WeightSpec = float | str | Callable[[int, int], float]
 
@@ -75,42 +77,65 @@ _BOOST_MODES = ("paper", "compound")
 _COMPUTED = (ActionKind.FULL, ActionKind.ATTN, ActionKind.BLOCK)
 
 
+@dataclass(frozen=True)
+class FasterCacheConfig(PolicyConfig):
+    """Options of ``fastercache`` (windows: fractions (a, b) of the steps, explicit step
+    indices, or None = off; see the module docstring for the defaults' sources)."""
+
+    name: ClassVar[str] = "fastercache"
+    attn_interval: int = 2  # a branch computes attention once per ``attn_interval`` steps (>= 2)
+    attn_window: WindowSpec = (0.3, 1.0)  # where attention may be reused (None: never)
+    attn_weight: WeightSpec = "linear"  # extrapolation weight: "linear", a number, or f(step, num_steps)
+    cfg_interval: int = 5  # both branches compute every ``cfg_interval``-th step of the window (>= 2)
+    cfg_window: WindowSpec = (1 / 3, 1.0)  # where the uncond branch may be rebuilt (None: never)
+    boost: str = "paper"  # frequency boost rule: "paper" or "compound"
+    alpha_low: float | None = None  # low-frequency boost (None: 0.2 paper, 0.1 compound; >= -1)
+    alpha_high: float | None = None  # high-frequency boost (None: as alpha_low's default; >= -1)
+    t0: float = 0.7  # paper boost boundary, a fraction of the steps in [0, 1]
+    low_boost_window: WindowSpec = None  # None: (0, t0) paper, (0.1, 0.9) compound
+    high_boost_window: WindowSpec = None  # None: (t0, 1) paper, (0.7, 1.0) compound
+    lowpass_divisor: int = 5  # low-pass disc radius = min(H, W) // lowpass_divisor (>= 1)
+    num_steps: int | None = None  # step count when the runtime does not know it (None: 50)
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.attn_interval, "attn_interval", minimum=2)
+        self._set("attn_window", window_value(self.attn_window, "attn_window"))
+        self._set("attn_weight", _check_weight(self.attn_weight))
+        check_positive_int(self.cfg_interval, "cfg_interval", minimum=2)
+        self._set("cfg_window", window_value(self.cfg_window, "cfg_window"))
+        if self.boost not in _BOOST_MODES:
+            raise ValueError(f"boost must be one of {_BOOST_MODES}, got {self.boost!r}")
+        for key in ("alpha_low", "alpha_high"):
+            if getattr(self, key) is not None:
+                self._set(key, check_float(getattr(self, key), key, minimum=-1.0))
+        self._set("t0", check_float(self.t0, "t0", 0.0, 1.0))
+        self._set("low_boost_window", window_value(self.low_boost_window, "low_boost_window"))
+        self._set("high_boost_window", window_value(self.high_boost_window, "high_boost_window"))
+        check_positive_int(self.lowpass_divisor, "lowpass_divisor")
+        check_num_steps(self.num_steps)
+
+
 class FasterCachePolicy:
     name = "fastercache"
 
-    def __init__(
-        self,
-        attn_interval: int = 2,
-        attn_window: WindowSpec = (0.3, 1.0),
-        attn_weight: WeightSpec = "linear",
-        cfg_interval: int = 5,
-        cfg_window: WindowSpec = (1 / 3, 1.0),
-        boost: str = "paper",
-        alpha_low: float | None = None,
-        alpha_high: float | None = None,
-        t0: float = 0.7,
-        low_boost_window: WindowSpec = None,
-        high_boost_window: WindowSpec = None,
-        lowpass_divisor: int = 5,
-        num_steps: int | None = None,
-    ) -> None:
-        self.attn_interval = check_positive_int(attn_interval, "attn_interval", minimum=2)
-        self.attn_window = StepWindow.parse(attn_window, "attn_window")
-        self.attn_weight = _check_weight(attn_weight)
-        self.cfg_interval = check_positive_int(cfg_interval, "cfg_interval", minimum=2)
-        self.cfg_window = StepWindow.parse(cfg_window, "cfg_window")
-        if boost not in _BOOST_MODES:
-            raise ValueError(f"boost must be one of {_BOOST_MODES}, got {boost!r}")
-        self.boost = boost
-        default_alpha = 0.2 if boost == "paper" else 0.1
-        self.alpha_low = check_float(default_alpha if alpha_low is None else alpha_low, "alpha_low", minimum=-1.0)
-        self.alpha_high = check_float(default_alpha if alpha_high is None else alpha_high, "alpha_high", minimum=-1.0)
-        self.t0 = check_float(t0, "t0", 0.0, 1.0)
-        default_low, default_high = ((0.0, self.t0), (self.t0, 1.0)) if boost == "paper" else ((0.1, 0.9), (0.7, 1.0))
-        self.low_boost_window = StepWindow.parse(default_low if low_boost_window is None else low_boost_window, "low_boost_window")
-        self.high_boost_window = StepWindow.parse(default_high if high_boost_window is None else high_boost_window, "high_boost_window")
-        self.lowpass_divisor = check_positive_int(lowpass_divisor, "lowpass_divisor")
-        self.num_steps = check_num_steps(num_steps)
+    def __init__(self, config: FasterCacheConfig | None = None) -> None:
+        self.config = config = expect_config(config, FasterCacheConfig)
+        self.attn_interval = config.attn_interval
+        self.attn_window = StepWindow.parse(config.attn_window, "attn_window")
+        self.attn_weight = config.attn_weight
+        self.cfg_interval = config.cfg_interval
+        self.cfg_window = StepWindow.parse(config.cfg_window, "cfg_window")
+        self.boost = config.boost
+        default_alpha = 0.2 if config.boost == "paper" else 0.1
+        self.alpha_low = default_alpha if config.alpha_low is None else config.alpha_low
+        self.alpha_high = default_alpha if config.alpha_high is None else config.alpha_high
+        self.t0 = config.t0
+        default_low, default_high = ((0.0, self.t0), (self.t0, 1.0)) if config.boost == "paper" else ((0.1, 0.9), (0.7, 1.0))
+        low, high = config.low_boost_window, config.high_boost_window
+        self.low_boost_window = StepWindow.parse(default_low if low is None else low, "low_boost_window")
+        self.high_boost_window = StepWindow.parse(default_high if high is None else high, "high_boost_window")
+        self.lowpass_divisor = config.lowpass_divisor
+        self.num_steps = config.num_steps
         self._model: ModelInfo | None = None
         self._attn_action = FULL  # ATTN over every block, set in needs()
         self.reset()

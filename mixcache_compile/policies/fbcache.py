@@ -28,33 +28,61 @@ fallback is recorded.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
+from .config import PolicyConfig, expect_config
 from .protocol import FULL, PROBE, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_positive_int
 
 _UPDATES = ("on_compute", "always")
 
 
+@dataclass(frozen=True)
+class FbCacheConfig(PolicyConfig):
+    """Options of ``fbcache`` (defaults: diffusers' ``FirstBlockCacheConfig``)."""
+
+    name: ClassVar[str] = "fbcache"
+    threshold: float = 0.05  # skip when the probe's rel-L1 change is below this (>= 0)
+    Fn: int = 1  # noqa: N815 -- blocks computed (and probed) first, >= 1
+    Bn: int = 0  # noqa: N815 -- blocks always computed last, >= 0
+    warmup: int = 0  # the first steps always compute (they still probe), >= 0
+    update: str = "on_compute"  # replace the probe's previous value "on_compute" or "always"
+    max_cached: int | None = None  # at most this many consecutive skips per branch (None: no limit)
+
+    def __post_init__(self) -> None:
+        self._set("threshold", check_float(self.threshold, "threshold", minimum=0.0))
+        check_positive_int(self.Fn, "Fn", minimum=1)
+        check_positive_int(self.Bn, "Bn", minimum=0)
+        check_positive_int(self.warmup, "warmup", minimum=0)
+        if self.update not in _UPDATES:
+            raise ValueError(f"update must be one of {_UPDATES}, got {self.update!r}")
+        if self.max_cached is not None:
+            check_positive_int(self.max_cached, "max_cached")
+
+
+@dataclass(frozen=True)
+class DbCacheConfig(FbCacheConfig):
+    """Options of ``dbcache``: as ``fbcache`` with cache-dit's DBCache "F8B8" defaults."""
+
+    name: ClassVar[str] = "dbcache"
+    threshold: float = 0.08
+    Fn: int = 8  # noqa: N815
+    Bn: int = 8  # noqa: N815
+    warmup: int = 8
+
+
 class FBCachePolicy:
     name = "fbcache"
 
-    def __init__(
-        self,
-        threshold: float = 0.05,
-        Fn: int = 1,  # noqa: N803 (the methods' own names)
-        Bn: int = 0,  # noqa: N803
-        warmup: int = 0,
-        update: str = "on_compute",
-        max_cached: int | None = None,
-    ) -> None:
-        self.threshold = check_float(threshold, "threshold", minimum=0.0)
-        self.Fn = check_positive_int(Fn, "Fn", minimum=1)
-        self.Bn = check_positive_int(Bn, "Bn", minimum=0)
-        self.warmup = check_positive_int(warmup, "warmup", minimum=0)
-        if update not in _UPDATES:
-            raise ValueError(f"update must be one of {_UPDATES}, got {update!r}")
-        self.update = update
-        self.max_cached = None if max_cached is None else check_positive_int(max_cached, "max_cached")
+    def __init__(self, config: FbCacheConfig | None = None) -> None:
+        self.config = config = expect_config(config, FbCacheConfig)
+        self.threshold = config.threshold
+        self.Fn = config.Fn
+        self.Bn = config.Bn
+        self.warmup = config.warmup
+        self.update = config.update
+        self.max_cached = config.max_cached
         self.skip_range: tuple[int, int] | None = None
         self.reset()
 
@@ -93,13 +121,5 @@ class FBCachePolicy:
 class DBCachePolicy(FBCachePolicy):
     name = "dbcache"
 
-    def __init__(
-        self,
-        threshold: float = 0.08,
-        Fn: int = 8,  # noqa: N803
-        Bn: int = 8,  # noqa: N803
-        warmup: int = 8,
-        update: str = "on_compute",
-        max_cached: int | None = None,
-    ) -> None:
-        super().__init__(threshold=threshold, Fn=Fn, Bn=Bn, warmup=warmup, update=update, max_cached=max_cached)
+    def __init__(self, config: DbCacheConfig | None = None) -> None:
+        super().__init__(expect_config(config, DbCacheConfig))

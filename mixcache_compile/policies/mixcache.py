@@ -60,8 +60,9 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from .config import PolicyConfig, expect_config
 from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
 
@@ -96,49 +97,78 @@ class StepDecision:
     interval: int = 0
 
 
+@dataclass(frozen=True)
+class MixCacheConfig(PolicyConfig):
+    """Options of ``mixcache`` (see the module docstring for what each does and the defaults' sources)."""
+
+    name: ClassVar[str] = "mixcache"
+    warmup: float = 0.2  # fraction of the steps that always compute, in [0, 1]
+    final_full: int = 2  # the last steps always compute (>= 0)
+    tau: float = 0.05  # trigger: a branch may be approximated once its output changes less than this
+    Fn: int = 1  # noqa: N815 -- blocks computed first on a ``block`` step (>= 1)
+    Bn: int = 1  # noqa: N815 -- blocks computed last on a ``block`` step (>= 0)
+    sensitivities: Mapping[str, float] | None = None  # I(g) per granularity (None: shipped defaults)
+    calibration: str | os.PathLike[str] | None = None  # a calibration JSON to read I(g) from instead
+    repeat_penalty: float = 5.0  # score factor on repeating the last cached granularity (>= 1)
+    interval: int = 2  # initial number of consecutive cached steps before a refresh
+    min_interval: int = 1  # the adaptive interval's lower bound
+    max_interval: int = 4  # the adaptive interval's upper bound
+    delta1: float = 0.02  # refresh error below this lengthens the interval
+    delta2: float = 0.06  # refresh error above this shortens the interval (>= delta1)
+    block_guard: float | None = 0.15  # a block step whose probe exceeds this computes (None: no probe)
+    granularities: Sequence[str] = GRANULARITIES  # which of step, cfg, block may be used
+    num_steps: int | None = None  # step count when the runtime does not know it (None: 50)
+
+    def __post_init__(self) -> None:
+        self._set("warmup", check_float(self.warmup, "warmup", 0.0, 1.0))
+        check_positive_int(self.final_full, "final_full", minimum=0)
+        self._set("tau", check_float(self.tau, "tau", minimum=0.0))
+        check_positive_int(self.Fn, "Fn", minimum=1)
+        check_positive_int(self.Bn, "Bn", minimum=0)
+        _sensitivities(self.sensitivities, self.calibration)  # validates both (and reads the file)
+        if self.sensitivities is not None:
+            self._set("sensitivities", dict(self.sensitivities))
+        if self.calibration is not None:
+            self._set("calibration", os.fspath(self.calibration))
+        self._set("repeat_penalty", check_float(self.repeat_penalty, "repeat_penalty", minimum=1.0))
+        check_positive_int(self.min_interval, "min_interval")
+        check_positive_int(self.max_interval, "max_interval")
+        check_positive_int(self.interval, "interval")
+        if not self.min_interval <= self.interval <= self.max_interval:
+            raise ValueError(f"need min_interval <= interval <= max_interval, got {self.min_interval}, {self.interval}, {self.max_interval}")
+        self._set("delta1", check_float(self.delta1, "delta1", minimum=0.0))
+        self._set("delta2", check_float(self.delta2, "delta2", minimum=0.0))
+        if self.delta1 > self.delta2:
+            raise ValueError(f"need delta1 <= delta2, got {self.delta1} > {self.delta2}")
+        if self.block_guard is not None:
+            self._set("block_guard", check_float(self.block_guard, "block_guard", minimum=0.0))
+        granularities = self.granularities
+        if isinstance(granularities, str) or not set(granularities) <= set(GRANULARITIES) or not granularities:
+            raise ValueError(f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities!r}")
+        self._set("granularities", tuple(g for g in GRANULARITIES if g in set(granularities)))
+        check_num_steps(self.num_steps)
+
+
 class MixCachePolicy:
     name = "mixcache"
 
-    def __init__(
-        self,
-        warmup: float = 0.2,
-        final_full: int = 2,
-        tau: float = 0.05,
-        Fn: int = 1,  # noqa: N803
-        Bn: int = 1,  # noqa: N803
-        sensitivities: Mapping[str, float] | None = None,
-        calibration: str | os.PathLike[str] | None = None,
-        repeat_penalty: float = 5.0,
-        interval: int = 2,
-        min_interval: int = 1,
-        max_interval: int = 4,
-        delta1: float = 0.02,
-        delta2: float = 0.06,
-        block_guard: float | None = 0.15,
-        granularities: Sequence[str] = GRANULARITIES,
-        num_steps: int | None = None,
-    ) -> None:
-        self.warmup = check_float(warmup, "warmup", 0.0, 1.0)
-        self.final_full = check_positive_int(final_full, "final_full", minimum=0)
-        self.tau = check_float(tau, "tau", minimum=0.0)
-        self.Fn = check_positive_int(Fn, "Fn", minimum=1)
-        self.Bn = check_positive_int(Bn, "Bn", minimum=0)
-        self.sensitivities = _sensitivities(sensitivities, calibration)
-        self.repeat_penalty = check_float(repeat_penalty, "repeat_penalty", minimum=1.0)
-        self.min_interval = check_positive_int(min_interval, "min_interval")
-        self.max_interval = check_positive_int(max_interval, "max_interval")
-        self.initial_interval = check_positive_int(interval, "interval")
-        if not self.min_interval <= self.initial_interval <= self.max_interval:
-            raise ValueError(f"need min_interval <= interval <= max_interval, got {min_interval}, {interval}, {max_interval}")
-        self.delta1 = check_float(delta1, "delta1", minimum=0.0)
-        self.delta2 = check_float(delta2, "delta2", minimum=0.0)
-        if self.delta1 > self.delta2:
-            raise ValueError(f"need delta1 <= delta2, got {delta1} > {delta2}")
-        self.block_guard = None if block_guard is None else check_float(block_guard, "block_guard", minimum=0.0)
-        if isinstance(granularities, str) or not set(granularities) <= set(GRANULARITIES) or not granularities:
-            raise ValueError(f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities!r}")
-        self.granularities = tuple(g for g in GRANULARITIES if g in set(granularities))
-        self.num_steps = check_num_steps(num_steps)
+    def __init__(self, config: MixCacheConfig | None = None) -> None:
+        self.config = config = expect_config(config, MixCacheConfig)
+        self.warmup = config.warmup
+        self.final_full = config.final_full
+        self.tau = config.tau
+        self.Fn = config.Fn
+        self.Bn = config.Bn
+        self.sensitivities = _sensitivities(config.sensitivities, config.calibration)
+        self.repeat_penalty = config.repeat_penalty
+        self.min_interval = config.min_interval
+        self.max_interval = config.max_interval
+        self.initial_interval = config.interval
+        self.delta1 = config.delta1
+        self.delta2 = config.delta2
+        self.block_guard = config.block_guard
+        self.granularities = tuple(config.granularities)
+        self.num_steps = config.num_steps
         self.block_range: tuple[int, int] | None = None
         self._half_batch = False
         self._probing = False

@@ -19,31 +19,47 @@ in calls from the first call; this schedule counts steps from the window start.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
+from .config import PolicyConfig, expect_config
 from .protocol import FULL, Action, ActionKind, CacheNeeds, ModelInfo, Observation
-from .schedules import StepWindow, WindowSpec, check_num_steps, check_positive_int, resolve_num_steps
+from .schedules import StepWindow, WindowSpec, check_num_steps, check_positive_int, resolve_num_steps, window_value
 
 
-class PABPolicy:
-    name = "pab"
+@dataclass(frozen=True)
+class PabConfig(PolicyConfig):
+    """Options of ``pab`` (defaults: diffusers' spatial broadcast window, interval 2)."""
 
-    def __init__(
-        self,
-        interval: int = 2,
-        window: WindowSpec = (0.2, 0.9),
-        blocks: Sequence[int] | None = None,
-        num_steps: int | None = None,
-    ) -> None:
-        self.interval = check_positive_int(interval, "interval", minimum=2)
-        self.window = StepWindow.parse(window, "window")
+    name: ClassVar[str] = "pab"
+    interval: int = 2  # compute attention every ``interval``-th step of the window (>= 2)
+    window: WindowSpec = (0.2, 0.9)  # fractions (a, b) of the steps, or explicit step indices
+    blocks: Sequence[int] | None = None  # blocks whose attention is broadcast (None: all)
+    num_steps: int | None = None  # step count when the runtime does not know it (None: 50)
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.interval, "interval", minimum=2)
+        self._set("window", window_value(self.window, "window"))
+        blocks = self.blocks
         if blocks is not None:
             if isinstance(blocks, (str, bytes)) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in blocks):
                 raise ValueError(f"blocks must be a sequence of block indices >= 0, got {blocks!r}")
             blocks = tuple(sorted(set(blocks)))
             if not blocks:
                 raise ValueError("blocks must name at least one block (None means all)")
-        self.blocks = blocks
-        self.num_steps = check_num_steps(num_steps)
+        self._set("blocks", blocks)
+        check_num_steps(self.num_steps)
+
+
+class PABPolicy:
+    name = "pab"
+
+    def __init__(self, config: PabConfig | None = None) -> None:
+        self.config = config = expect_config(config, PabConfig)
+        self.interval = config.interval
+        self.window = StepWindow.parse(config.window, "window")
+        self.blocks: tuple[int, ...] | None = config.blocks  # type: ignore[assignment]  (normalised)
+        self.num_steps = config.num_steps
         self._attn: tuple[int, ...] = ()
 
     def reset(self) -> None:

@@ -76,6 +76,15 @@ class StepWindow:
         return self.steps is not None and not self.steps
 
 
+def window_value(value: Any, name: str) -> tuple[float, float] | frozenset[int] | None:
+    """A validated window in the normal form configs store (Note [config normal form]):
+    ``None``, a fraction pair of floats, or a frozenset of step indices."""
+    if value is None:
+        return None
+    window = StepWindow.parse(value, name)
+    return window.fractions if window.fractions is not None else window.steps
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 

@@ -10,35 +10,52 @@ It drives every action path of the runtime, which is what the exactness tests ne
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
 
+from .config import PolicyConfig, expect_config
 from .protocol import FULL, Action, ActionKind, CacheNeeds, ModelInfo, Observation
 
 ScheduleKey = int | tuple[int, str]
 
 
+@dataclass(frozen=True)
+class StaticConfig(PolicyConfig):
+    """Options of ``static`` (no schedule and no ``every``: every call computes)."""
+
+    name: ClassVar[str] = "static"
+    # step or (step, branch) -> action ("step", "cfg", "block:2-6", "attn:0,1" or an Action)
+    schedule: Mapping[ScheduleKey, Action | str] = field(default_factory=dict)
+    every: int | None = None  # compute every k-th step after warm-up, ``reuse`` in between (None: off)
+    reuse: Action | str = "step"  # the action ``every`` runs between computed steps
+    warmup: int = 1  # steps before ``every`` starts (>= 0)
+
+    def __post_init__(self) -> None:
+        schedule = {} if self.schedule is None else self.schedule
+        if not isinstance(schedule, Mapping):
+            raise TypeError(f"schedule must be a mapping of step or (step, branch) to action, not {type(schedule).__name__}")
+        if self.every is not None and (not isinstance(self.every, int) or isinstance(self.every, bool) or self.every < 1):
+            raise ValueError(f"every must be a positive int, got {self.every!r}")
+        if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {self.warmup!r}")
+        parsed: dict[ScheduleKey, Action] = {}
+        for key, action in schedule.items():
+            key = tuple(key) if isinstance(key, list) else key  # a (step, branch) key read back from JSON
+            _check_key(key)
+            parsed[key] = Action.parse(action)
+        self._set("schedule", parsed)
+        self._set("reuse", Action.parse(self.reuse))
+
+
 class StaticPolicy:
     name = "static"
 
-    def __init__(
-        self,
-        schedule: Mapping[ScheduleKey, Action | str] | None = None,
-        every: int | None = None,
-        reuse: Action | str = "step",
-        warmup: int = 1,
-    ) -> None:
-        if schedule is not None and not isinstance(schedule, Mapping):
-            raise TypeError(f"schedule must be a mapping of step or (step, branch) to action, not {type(schedule).__name__}")
-        if every is not None and (not isinstance(every, int) or every < 1):
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
-        self.schedule: dict[ScheduleKey, Action] = {}
-        for key, action in (schedule or {}).items():
-            _check_key(key)
-            self.schedule[key] = Action.parse(action)
-        self.every = every
-        self.reuse = Action.parse(reuse)
-        self.warmup = warmup
+    def __init__(self, config: StaticConfig | None = None) -> None:
+        self.config = config = expect_config(config, StaticConfig)
+        self.schedule: dict[ScheduleKey, Action] = dict(config.schedule)
+        self.every = config.every
+        self.reuse: Action = config.reuse  # type: ignore[assignment]  (normalised in __post_init__)
+        self.warmup = config.warmup
 
     def _scheduled(self, step: int, branch: str) -> Action:
         if (step, branch) in self.schedule:

@@ -28,31 +28,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
+from .config import PolicyConfig, expect_config
 from .protocol import FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
+
+
+@dataclass(frozen=True)
+class TeaCacheConfig(PolicyConfig):
+    """Options of ``teacache`` (see the module docstring for where the defaults come from)."""
+
+    name: ClassVar[str] = "teacache"
+    threshold: float = 0.1  # skip while the accumulated rescaled indicator stays below this (>= 0)
+    coefficients: Sequence[float] | None = None  # rescaling polynomial, highest degree first (None: identity)
+    warmup: int = 1  # the first steps always compute (>= 0)
+    final_full: int = 1  # the last steps always compute (>= 0)
+    num_steps: int | None = None  # step count when the runtime does not know it (None: 50)
+
+    def __post_init__(self) -> None:
+        self._set("threshold", check_float(self.threshold, "threshold", minimum=0.0))
+        coefficients = self.coefficients
+        if coefficients is not None:
+            if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence) or not coefficients:
+                raise TypeError(f"coefficients must be a non-empty sequence of numbers, got {coefficients!r}")
+            coefficients = tuple(check_float(c, "coefficients[]") for c in coefficients)
+        self._set("coefficients", coefficients)
+        check_positive_int(self.warmup, "warmup", minimum=0)
+        check_positive_int(self.final_full, "final_full", minimum=0)
+        check_num_steps(self.num_steps)
 
 
 class TeaCachePolicy:
     name = "teacache"
 
-    def __init__(
-        self,
-        threshold: float = 0.1,
-        coefficients: Sequence[float] | None = None,
-        warmup: int = 1,
-        final_full: int = 1,
-        num_steps: int | None = None,
-    ) -> None:
-        self.threshold = check_float(threshold, "threshold", minimum=0.0)
-        if coefficients is not None:
-            if isinstance(coefficients, (str, bytes)) or not isinstance(coefficients, Sequence) or not coefficients:
-                raise TypeError(f"coefficients must be a non-empty sequence of numbers, got {coefficients!r}")
-            coefficients = tuple(check_float(c, "coefficients[]") for c in coefficients)
-        self.coefficients = coefficients
-        self.warmup = check_positive_int(warmup, "warmup", minimum=0)
-        self.final_full = check_positive_int(final_full, "final_full", minimum=0)
-        self.num_steps = check_num_steps(num_steps)
+    def __init__(self, config: TeaCacheConfig | None = None) -> None:
+        self.config = config = expect_config(config, TeaCacheConfig)
+        self.threshold = config.threshold
+        self.coefficients: tuple[float, ...] | None = config.coefficients  # type: ignore[assignment]  (normalised)
+        self.warmup = config.warmup
+        self.final_full = config.final_full
+        self.num_steps = config.num_steps
         self.reset()
 
     def reset(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..policies import make_policy
+from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
@@ -60,8 +60,9 @@ class _Call:
 class CacheSession:
     """State of caching across the calls of a denoising loop.
 
-    ``policy``: a name from ``mixcache_compile.policies.POLICIES`` or a policy object, with
-    its options as keyword arguments. ``cfg``: "auto" (separate branch calls, told apart by
+    ``policy``: a config (``FbCacheConfig(threshold=0.1)``), a name from
+    ``mixcache_compile.policies.POLICIES`` with its options as keyword arguments (a shortcut
+    that builds the config), or a policy object; default ``DEFAULT_POLICY``. ``cfg``: "auto" (separate branch calls, told apart by
     context names or by call order within a timestep), "separate", "batched" (one call
     carries ``batch_order`` halves), or "none". ``branch_order``: the order of the two branch
     calls of a step when no context names them (diffusers pipelines call cond first).
@@ -69,7 +70,7 @@ class CacheSession:
 
     def __init__(
         self,
-        policy: str | Policy = "none",
+        policy: str | PolicyConfig | Policy = DEFAULT_POLICY,
         *,
         cfg: str = "auto",
         branch_order: tuple[str, str] = ("cond", "uncond"),
@@ -148,6 +149,13 @@ class CacheSession:
             "cache_peak_bytes": self._store.peak_bytes,
             "cache_allocations": self._store.allocations,
         }
+
+    def summary(self) -> str:
+        """A short human-readable table of what the cache did since the last ``reset_stats()``:
+        calls, actions by kind per branch, computed fraction, fallbacks with reasons, cache memory."""
+        from .summary import format_summary
+
+        return format_summary(self.policy, self.stats(), self.trace)
 
     def reset_stats(self) -> None:
         """Zero the statistics and the trace (caches and position are kept)."""

@@ -4,7 +4,7 @@ exported for; TensorRT without CUDA raises one clear error; a TensorRT engine se
 
 from __future__ import annotations
 
-from collections import UserList
+import json
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from tests.tiny_models import wan
         ({"format": "tensorrt"}, "TensorRT engines are built from an ONNX export"),
         ({"dynamic_shapes": {"hidden_states": {3: "h"}}}, "static specialisations only and cannot honour dynamic_shapes"),
         ({"policy": "nonesuch"}, "unknown policy 'nonesuch'"),
-        ({"policy": "teacache", "coefficients": UserList([1.0, 0.0])}, "cannot record a UserList"),
+        ({"policy": "fastercache", "attn_weight": lambda step, num_steps: 0.5}, "attn_weight cannot be written as JSON"),
         ({"variants": ("attn_reused", "lora")}, r"unknown variant kind\(s\) \['lora'\]"),
     ],
 )
