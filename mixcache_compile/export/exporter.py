@@ -97,15 +97,15 @@ def export(
     out = Path(out_dir)
     with staging(out) as tmp:  # Note [atomic export]: nothing appears at ``out`` until every file is written
         manifest, writer, max_err = _write_export(
-            obj, call_kwargs, tmp, format=format, policy=policy, cfg=cfg, branch_order=branch_order,
-            batch_order=batch_order, variants=variants, verify=verify, atol=atol, opset=opset, policy_options=policy_options,
+            obj, call_kwargs, tmp, format=format, policy_config=policy_config, cfg=cfg, branch_order=branch_order,
+            batch_order=batch_order, variants=variants, verify=verify, atol=atol, opset=opset,
         )
     return ExportReport(out, manifest, writer.graphs, writer.files, time.perf_counter() - start, max_err)
 
 
-def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: str, policy: str, cfg: str,
-                  branch_order: tuple[str, str], batch_order: tuple[str, str], variants: Sequence[str], verify: bool,
-                  atol: float, opset: int | None, policy_options: dict[str, Any]) -> tuple[Manifest, Any, float | None]:
+def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: str, policy_config: PolicyConfig,
+                  cfg: str, branch_order: tuple[str, str], batch_order: tuple[str, str], variants: Sequence[str],
+                  verify: bool, atol: float, opset: int | None) -> tuple[Manifest, Any, float | None]:
     """Capture, walk, write every file into ``out`` (the staging directory), record the
     SHA-256 of each and write the manifest last."""
     cap = capture(obj, call_kwargs, cfg)
