@@ -51,6 +51,24 @@ def denoise(model: torch.nn.Module, name: str, direct_backend: bool = False) -> 
     return {"outputs": outputs, "trace": trace, "calls": session.stats()["calls"]}
 
 
+def _attention_with_lse(
+    ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+    return_lse: bool = False, _save_ctx: bool = True, _parallel_config: Any = None,
+) -> Any:
+    """Test-only stand-in for diffusers' native context-parallel attention op that also returns
+    the log-sum-exp ring attention merges its partial results with. No attention backend that
+    diffusers ships returns it on CPU (native refuses ``return_lse``; cuDNN / flash need CUDA),
+    so without this ring attention cannot run here. Layout as diffusers': (B, S, H, D) in,
+    out (B, S, H, D) and lse (B, S, H)."""
+    if attn_mask is not None or is_causal or dropout_p or enable_gqa:
+        raise NotImplementedError("the test attention op covers unmasked, non-causal attention only")
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    out = (torch.softmax(scores, dim=-1) @ v).permute(0, 2, 1, 3)
+    return (out, torch.logsumexp(scores, dim=-1).permute(0, 2, 1)) if return_lse else out
+
+
 def main(rank: int, world: int, port: int, out_dir: str, cases: list[tuple[str, str, bool]]) -> None:
     """``cases``: (policy name, "ulysses" | "ring", direct_backend)."""
     from diffusers import ContextParallelConfig
@@ -64,6 +82,10 @@ def main(rank: int, world: int, port: int, out_dir: str, cases: list[tuple[str, 
     results = {}
     try:
         for name, mode, direct in cases:
+            if mode == "ring":
+                from diffusers.models import attention_dispatch
+
+                attention_dispatch._native_attention_forward_op = _attention_with_lse
             model, _ = wan()
             model.enable_parallelism(config=ContextParallelConfig(**{f"{mode}_degree": world}))
             results[f"{name}/{mode}/{'backend' if direct else 'enable'}"] = denoise(model, name, direct)

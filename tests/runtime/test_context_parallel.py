@@ -26,10 +26,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def single_process() -> dict[str, dict]:
-    """Each policy's loop without context parallelism (the reference)."""
-    return {name: cp_worker.denoise(wan()[0], name) for name in cp_worker.POLICIES}
+_REFERENCES: dict[str, dict] = {}
+
+
+def single_process(name: str) -> dict:
+    """The policy's loop without context parallelism (the reference), computed once per process."""
+    if name not in _REFERENCES:
+        _REFERENCES[name] = cp_worker.denoise(wan()[0], name)
+    return _REFERENCES[name]
 
 
 def _run_ranks(tmp_path, cases: list[tuple[str, str, bool]]) -> list[dict]:
@@ -63,15 +67,15 @@ def _check(ranks: list[dict], key: str, reference: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ulysses_static_teacache_fbcache(tmp_path, single_process):
+def test_ulysses_static_teacache_fbcache(tmp_path):
     names = list(cp_worker.POLICIES)
     ranks = _run_ranks(tmp_path, [(name, "ulysses", False) for name in names])
     for name in names:
-        _check(ranks, f"{name}/ulysses/enable", single_process[name])
+        _check(ranks, f"{name}/ulysses/enable", single_process(name))
 
 
 @pytest.mark.slow
-def test_ring_enable_and_direct_backend(tmp_path, single_process):
+def test_ring_enable_and_direct_backend(tmp_path):
     ranks = _run_ranks(tmp_path, [("fbcache", "ring", False), ("static", "ring", True)])
-    _check(ranks, "fbcache/ring/enable", single_process["fbcache"])
-    _check(ranks, "static/ring/backend", single_process["static"])
+    _check(ranks, "fbcache/ring/enable", single_process("fbcache"))
+    _check(ranks, "static/ring/backend", single_process("static"))
