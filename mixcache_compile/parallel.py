@@ -22,7 +22,8 @@ It does three things, and nothing on a model without context parallelism:
      Logger methods unless listed in ``torch._dynamo.config.ignore_logging_functions``. We add
      the bound method of that one logger (not ``logging.Logger.warning_once``, which would
      silence every logger) and only while the compiled module is being called: a forward
-     pre-hook enters ``torch._dynamo.config.patch`` and a forward hook leaves it.
+     pre-hook enters ``torch._dynamo.config.patch`` and a forward hook leaves it. (Dynamo's
+     config is process-wide: during such a call, another thread's compile sees the entry too.)
 3. Leaves the hooks' split and gather nodes outside the blocks at planning time (the backend
    runs ``passes/context_parallel_hooks.py``), so every cached tensor is shard-local.
 """
