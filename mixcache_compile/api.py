@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .engines import ENGINES
+from .parallel import prepare_context_parallel
 from .policies import DEFAULT_POLICY, PolicyConfig, Policy
 from .runtime.session import CacheSession
 
@@ -49,6 +50,7 @@ def enable(
         options["repeated_blocks"] = list(repeated)
     compiled = torch.compile(model, backend="mixcache", options=options, fullgraph=fullgraph)
     compiled.register_forward_pre_hook(_mark_batch_dynamic(session), with_kwargs=True)
+    prepare_context_parallel(compiled, session)  # no-op without diffusers context parallelism
     if hasattr(model, "cache_context"):
         _wire_cache_context(model, session, owner)
     model._mixcache_session = session

@@ -19,6 +19,8 @@ import torch.fx as fx
 
 from .engines import make_engine
 from .engines.base import Engine
+from .parallel import check_session_group
+from .passes.context_parallel_hooks import detach_context_parallel_hooks
 from .passes.plan import PlanError, plan_stages
 from .policies import DEFAULT_POLICY
 from .runtime.executor import StageRunner
@@ -88,6 +90,8 @@ def mixcache_backend(
 ) -> Callable[..., Any]:
     """``torch.compile(model, backend="mixcache", options={"session": CacheSession(...), "engine": "eager"})``."""
     opts = BackendOptions.parse(options)
+    if detach_context_parallel_hooks(gm):  # diffusers context parallelism: shard-local stages
+        check_session_group(gm, opts.session)
     why = _partial_graph_reason(gm)
     if why is None:
         try:

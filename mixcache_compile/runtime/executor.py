@@ -20,6 +20,7 @@ from ..passes.indicator import with_residual_indicator, with_value_indicator
 from ..passes.plan import BlockStage, StagePlan, range_ok
 from ..passes.stage_graph import StageGraph
 from ..policies.protocol import Action, ActionKind, ModelInfo
+from .distributed import check_same_layout
 from .flops import count_flops
 from .inputs import InputInfo
 
@@ -98,10 +99,14 @@ class StageRunner:
         fill its outputs, and return the action ``probe.decide`` picks plus the FLOPs run.
         Without a previous value the plain stage runs and the indicator is +inf."""
         h_in = env[self.blocks[0].stream_in[0]] if probe.kind == "blocks" else None
+        if h_in is not None and probe.previous is not None:
+            check_same_layout(h_in, probe.previous, "previous probe residual")  # Note [shard-local caches]
         if probe.previous is None:
             _, flops = self._stage(stage, env, sig)
             if probe.kind == "blocks":
-                value = env[dict(self.blocks[probe.blocks - 1].stream_map)[0]] - h_in
+                out = env[dict(self.blocks[probe.blocks - 1].stream_map)[0]]
+                check_same_layout(out, h_in, "probe residual (first blocks' input)")
+                value = out - h_in
             else:
                 value = env[self.plan.modulation_slot]
             return probe.decide(torch.tensor([1.0, 0.0]), value), flops  # 1 / 0: +inf
@@ -116,6 +121,7 @@ class StageRunner:
         for slot, value in zip(variant.outputs, outs[:n]):
             env[slot] = value
         value = outs[n] if probe.kind == "blocks" else env[self.plan.modulation_slot]
+        check_same_layout(value, probe.previous, "previous probe value")
         return probe.decide(outs[-1], value), flops
 
     def _count_flops(self, stage: StageGraph, args: Sequence[Any]) -> int:
@@ -181,6 +187,7 @@ class StageRunner:
                 if skip is not None and g == skip[0]:
                     last = self.blocks[skip[1] - 1]
                     for (j, dst), res in zip(last.stream_map, residuals(skip)):
+                        check_same_layout(env[block.stream_in[j]], res, f"residual of blocks {skip[0]}-{skip[1]}")
                         env[dst] = env[block.stream_in[j]] + res
                     g = skip[1]
                     continue
@@ -209,6 +216,8 @@ class StageRunner:
                         new_attn[g] = [env[s] for s in block.attn_out]
                 for rng in record_ranges:
                     if rng[1] - 1 == g and rng in range_inputs:
+                        for j, dst in block.stream_map:
+                            check_same_layout(env[dst], range_inputs[rng][j], f"input of blocks {rng[0]}-{rng[1]}")
                         new_res[rng] = [env[dst] - range_inputs[rng][j] for j, dst in block.stream_map]
                 g += 1
         flops += self._stage(self.plan.epilogue, env, sig)[1]

@@ -23,7 +23,7 @@ from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
-from .distributed import all_ranks, reduce_mean, reduce_sum
+from .distributed import all_ranks, reduce_mean, reduce_ratio
 from .executor import ProbeRun
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ class CacheSession:
         self._runner: Any = None
         self._needs: CacheNeeds | None = None
         self._warned: set[str] = set()
+        # The ranks that share one sequence (Note [rank-consistent decisions]); None = world.
+        # Set by mixcache_compile.parallel for models with diffusers context parallelism.
+        self.process_group: Any = None
         self.trace: list[TraceEntry] = []
         self.generation = 0
         self._reset_counters()
@@ -261,7 +264,7 @@ class CacheSession:
             tensors = [t for g in action.attn_blocks for t in self._cached_list(("attn", branch, g))]
         else:
             return None
-        if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all(), self.process_group):
             self._non_finite_count += 1
             return "non-finite cached tensor"
         return None
@@ -357,7 +360,7 @@ class CacheSession:
 
         def decide(indicator: torch.Tensor, value: torch.Tensor) -> Action:
             # [numerator, denominator] of a rel-L1, summed over ranks, then one device fetch.
-            num, den = reduce_sum(indicator.detach().float()).tolist()
+            num, den = reduce_ratio(indicator, value.numel(), self.process_group)
             call.indicator = num / den if den else (math.inf if num else math.nan)
             if math.isnan(call.indicator):  # Note [non-finite caches]: no decision on a NaN
                 self._non_finite_count += 1
@@ -470,7 +473,7 @@ class CacheSession:
         observe = getattr(self.policy, "observe", None)
         if observe is not None:
             names = list(call.deviations)
-            values = reduce_mean(torch.stack([call.deviations[n].float() for n in names])).tolist() if names else []
+            values = reduce_mean(torch.stack([call.deviations[n].float() for n in names]), self.process_group).tolist() if names else []
             observe(CallReport(pos.step, pos.branch, action, reason, call.indicator, dict(zip(names, values))))
 
     def _warn_once(self, key: str, message: str) -> None:
