@@ -105,19 +105,20 @@ def graph_flops(stages: Sequence[StageGraph], num_slots: int, args: Sequence[Any
     if complete:
         return total, odd
     try:
-        real_total, _, _ = _walk(stages, num_slots, _detached(args), known, None)
+        real_total, counted, _ = _walk(stages, num_slots, _detached(args), known, None)
     except Exception as err:  # noqa: BLE001 - Note [accounting never breaks a call]
         why = f"the real-tensor walk failed too ({_why(err)}): the full-call FLOPs are a lower bound"
         return total, {name: StageFlops(None, UNKNOWN, f"{r.note}; {why}") for name, r in odd.items()}
     note = "counted on the first call's real tensors (not countable on fake tensors)"
-    return real_total, {name: StageFlops(r.flops, REAL, note) for name, r in odd.items()}
+    return real_total, {name: StageFlops(counted[name].flops, REAL, note) for name in odd}
 
 
 def _walk(stages: Sequence[StageGraph], num_slots: int, args: Sequence[Any], known: dict[str, int],
           mode: FakeTensorMode | None) -> tuple[int, dict[str, StageFlops], bool]:
     """One pass over ``stages``: on fakes when ``mode`` is given, else on real tensors
     (which raises if a stage fails: the caller then keeps the fake pass's partial result).
-    Returns the total, the stages not counted on fakes, and whether every stage was."""
+    Returns the total, the stages not counted on fakes (on real tensors: every stage), and
+    whether every stage was counted on fakes."""
     env: list[Any] = [None] * num_slots
     env[: len(args)] = args
     total, odd, complete = 0, {}, True
@@ -126,6 +127,7 @@ def _walk(stages: Sequence[StageGraph], num_slots: int, args: Sequence[Any], kno
         if mode is None:
             flops, outs = _run_counted(stage.gm, stage_args)
             total += known.get(stage.name, flops)
+            odd[stage.name] = StageFlops(flops, REAL)
             for slot, value in zip(stage.outputs, outs):
                 env[slot] = value
             continue
