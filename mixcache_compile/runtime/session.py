@@ -229,6 +229,7 @@ class CacheSession:
         self._store.clear()
         self.policy.reset()
         self._computed_this_step = set()
+        self._signature = None  # a new shape in a new generation is not a mid-generation change
 
     def _decide(self, runner: Any, call: _Call) -> tuple[Action, Action, str | None]:
         if call.obs is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -175,3 +176,24 @@ def test_serving_contexts_on_the_shipped_pipeline(policy: str):
     for i, (s, want) in enumerate(((session, outputs["inference_mode"]), (other_session, alone))):
         _check(policy, s, deltas[i], results[i], want, 0.0, f"thread {i}")
         torch.testing.assert_close(results[i], want, rtol=0, atol=0)  # as when it ran alone
+
+
+def test_a_new_shape_in_a_new_generation_is_not_a_mid_generation_change():
+    """A server's next request may have other sizes: no warning, no fallback, caching engaged."""
+    from mixcache_compile import CacheSession
+    from tests.tiny_models import wan
+
+    model, make = wan()
+    session = CacheSession("static", schedule={1: "step"})
+    compiled = torch.compile(model, backend="mixcache", options={"session": session, "engine": "eager"}, fullgraph=True)
+    with warnings.catch_warnings(record=True) as caught, torch.inference_mode():
+        warnings.simplefilter("always")
+        for frames in (2, 4):  # two generations, the second with more frames
+            for step in range(2):
+                kwargs = {**make(1, seed=step, t=900.0 - 100 * step)}
+                kwargs["hidden_states"] = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(step))
+                with session.context("cond", step_index=step):
+                    compiled(**kwargs)
+    assert not [w for w in caught if "mid-generation" in str(w.message)]
+    assert [e.action for e in session.trace] == ["FULL", "STEP", "FULL", "STEP"]
+    assert not session.stats()["fallbacks"]
