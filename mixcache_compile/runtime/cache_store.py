@@ -4,6 +4,15 @@ Note [owned buffers]: a cached tensor is never a reference to a stage output. En
 reuse output storage on the next run (CUDA graph trees overwrite earlier replays), and the
 caller may modify what it was returned, so every cached value is copied with ``copy_`` into a
 buffer allocated once per key and shape, and freed on ``clear``.
+
+Note [buffers in every autograd mode]: a buffer is a normal tensor (never an inference
+tensor) that never takes part in autograd. It is allocated outside inference mode and
+written under ``no_grad`` from a detached value. So the same buffer can be written and read
+under ``torch.inference_mode()``, ``torch.no_grad()`` and with grad enabled, and a session
+may switch modes between (or within) generations: an inference tensor could not be updated
+in place outside inference mode, and a buffer written with grad enabled would otherwise keep
+the caller's whole autograd graph alive. Reused values are constants to autograd (caching
+is for inference; a reused call has no gradient path to the model's parameters).
 """
 
 from __future__ import annotations
@@ -23,11 +32,13 @@ class CacheStore:
     def put(self, key: Hashable, value: torch.Tensor) -> None:
         buf = self._buffers.get(key)
         if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
-            buf = torch.empty_like(value, memory_format=torch.contiguous_format)
+            with torch.inference_mode(False):  # Note [buffers in every autograd mode]
+                buf = torch.empty(value.shape, dtype=value.dtype, device=value.device)
             self._buffers[key] = buf
             self.allocations += 1
             self.peak_bytes = max(self.peak_bytes, self.nbytes())
-        buf.copy_(value)
+        with torch.no_grad():
+            buf.copy_(value.detach())
         self._valid.add(key)
 
     def get(self, key: Hashable) -> torch.Tensor | None:

@@ -21,7 +21,7 @@ from ..passes.plan import BlockStage, StagePlan, range_ok
 from ..passes.stage_graph import StageGraph
 from ..policies.protocol import Action, ActionKind, ModelInfo
 from .distributed import check_same_layout
-from .flops import count_flops
+from .flops import FAKE, StageFlops, graph_flops, measure_flops
 from .inputs import InputInfo
 
 
@@ -65,6 +65,8 @@ class StageRunner:
         self._full_flops: dict[tuple, int] = {}
         self._probe_variants: dict[tuple, StageGraph] = {}
         self._signature_ids: dict[tuple, int] = {}
+        # Stages whose FLOPs were not counted on fake tensors, by name (read by stats()).
+        self.flop_notes: dict[str, StageFlops] = {}
 
     def intern(self, signature: tuple) -> int:
         """A small int for a call signature, so the per-stage lookups of the hot path hash an
@@ -127,7 +129,11 @@ class StageRunner:
     def _count_flops(self, stage: StageGraph, args: Sequence[Any]) -> int:
         # Overridden by mixcache_compile.export.runtime.ManifestRunner: stages loaded from an
         # export manifest have no GraphModule, their FLOPs were counted at export time.
-        return count_flops(stage, args)
+        # Note [accounting never breaks a call]: an uncountable stage counts 0 and says why.
+        result = measure_flops(stage, args)
+        if result.method != FAKE:
+            self.flop_notes[stage.name] = StageFlops(result.flops, result.method, result.note)
+        return result.flops or 0
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
         return self.session._run_call(self, args)
@@ -230,15 +236,11 @@ class StageRunner:
     def full_flops(self, args: Sequence[Any], sig: int) -> int:
         """FLOPs of computing this call in full (the denominator of ``computed_fraction``)."""
         if sig not in self._full_flops:
-            env: list[Any] = [None] * self.plan.num_slots
-            env[: len(args)] = args
-            total = 0
-            for stage in self._all_stages():
-                stage_args = [env[i] for i in stage.inputs]
-                key = (stage.name, sig)
-                total += self._resolved[key][1] if key in self._resolved else count_flops(stage, stage_args)
-                for slot, value in zip(stage.outputs, self._fake_outputs(stage, stage_args)):
-                    env[slot] = value
+            stages = self._all_stages()
+            known = {s.name: self._resolved[(s.name, sig)][1] for s in stages if (s.name, sig) in self._resolved}
+            total, odd = graph_flops(stages, self.plan.num_slots, args, known)
+            for name, result in odd.items():
+                self.flop_notes.setdefault(name, result)
             self._full_flops[sig] = total
         return self._full_flops[sig]
 
@@ -250,12 +252,3 @@ class StageRunner:
             stages.extend(b.stage for b in chain)
         stages.append(self.plan.epilogue)
         return stages
-
-    @staticmethod
-    def _fake_outputs(stage: StageGraph, args: list[Any]) -> tuple[Any, ...]:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with mode, torch.no_grad():
-            return stage.gm(*fakes)

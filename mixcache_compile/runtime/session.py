@@ -25,6 +25,7 @@ from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
 from .distributed import all_ranks, reduce_mean, reduce_ratio
 from .executor import ProbeRun
+from .trace_log import DEFAULT_TRACE_LIMIT, TraceLog
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class CacheSession:
     context names or by call order within a timestep), "separate", "batched" (one call
     carries ``batch_order`` halves), or "none". ``branch_order``: the order of the two branch
     calls of a step when no context names them (diffusers pipelines call cond first).
+    ``trace_limit``: how many decisions ``trace`` keeps, oldest dropped (Note [bounded trace]).
     """
 
     def __init__(
@@ -76,6 +78,7 @@ class CacheSession:
         branch_order: tuple[str, str] = ("cond", "uncond"),
         batch_order: tuple[str, str] = ("uncond", "cond"),
         check_finite: bool = True,
+        trace_limit: int | None = DEFAULT_TRACE_LIMIT,
         **policy_options: Any,
     ) -> None:
         if cfg not in _CFG_MODES:
@@ -98,7 +101,7 @@ class CacheSession:
         # The ranks that share one sequence (Note [rank-consistent decisions]); None = world.
         # Set by mixcache_compile.parallel for models with diffusers context parallelism.
         self.process_group: Any = None
-        self.trace: list[TraceEntry] = []
+        self.trace: TraceLog[TraceEntry] = TraceLog(trace_limit)
         self.generation = 0
         self._reset_counters()
 
@@ -151,6 +154,10 @@ class CacheSession:
             "cache_bytes": self._store.nbytes(),
             "cache_peak_bytes": self._store.peak_bytes,
             "cache_allocations": self._store.allocations,
+            # Note [accounting never breaks a call]: stages not counted on fake tensors.
+            "flops_unknown": {n: r.note for n, r in self._flop_notes.items() if r.flops is None},
+            "flops_from_real_tensors": sorted(n for n, r in self._flop_notes.items() if r.flops is not None),
+            "trace_dropped": self.trace.dropped,
         }
 
     def summary(self) -> str:
@@ -163,7 +170,7 @@ class CacheSession:
     def reset_stats(self) -> None:
         """Zero the statistics and the trace (caches and position are kept)."""
         self._reset_counters()
-        self.trace = []
+        self.trace.clear()
 
     # ---- the per-call path (called by StageRunner) ---------------------------------------
     def _reset_counters(self) -> None:
@@ -173,6 +180,7 @@ class CacheSession:
         self._actions: Counter[str] = Counter()
         self._fallbacks: Counter[str] = Counter()
         self._non_finite_count = 0
+        self._flop_notes: dict[str, Any] = {}
         self._signature: tuple | None = None
         self._computed_this_step = set()
         self._step: int | None = None
@@ -232,6 +240,7 @@ class CacheSession:
         self._store.clear()
         self.policy.reset()
         self._computed_this_step = set()
+        self._signature = None  # a new shape in a new generation is not a mid-generation change
 
     def _decide(self, runner: Any, call: _Call) -> tuple[Action, Action, str | None]:
         if call.obs is None:
@@ -463,6 +472,8 @@ class CacheSession:
         self._calls += 1
         self._flops_run += flops
         self._flops_full += runner.full_flops(args, sig)
+        if runner.flop_notes:
+            self._flop_notes.update(runner.flop_notes)
         self._actions[action.kind.value] += 1
         if reason:
             self._fallbacks[reason] += 1
