@@ -147,6 +147,8 @@ class CacheSession:
             "cache_bytes": self._store.nbytes(),
             "cache_peak_bytes": self._store.peak_bytes,
             "cache_allocations": self._store.allocations,
+            # stage graphs a full call runs (after fusion by need, passes/fuse.py)
+            "stages": self._runner.stage_count() if self._runner is not None else None,
         }
 
     def reset_stats(self) -> None:
