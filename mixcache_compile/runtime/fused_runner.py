@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from ..policies.protocol import Action, ActionKind
 
 _BLOCK, _ATTN, _FULL, _STEP = ActionKind.BLOCK, ActionKind.ATTN, ActionKind.FULL, ActionKind.STEP
 _NO_PREVIOUS = (1.0, 0.0)  # indicator [num, den] read as +inf: there is nothing to compare with
+_NOTHING: Any = MappingProxyType({})  # no residuals/attention recorded (read-only, shared by all calls)
 
 
 def _getter(slots: Sequence[int]) -> Callable[[list[Any]], tuple[Any, ...]]:
@@ -84,9 +86,21 @@ class FusedPath:
             self.outputs_of = _getter(spec)
         else:
             self.outputs_of = lambda env: tuple(env[s] if is_slot else s for s, is_slot in zip(spec, plan.output_is_slot))
+        self.direct = self._direct_outputs(plan, fused)
         self._tables: dict[int, list[Any]] = {}  # signature id -> per group (fn, flops) or None
         self._probe_tables: dict[int, Any] = {}
         self._zero_prev: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def _direct_outputs(plan: Any, fused: FusedPlan) -> Callable[[Sequence[Any]], tuple[Any, ...]] | None:
+        """For a one-graph plan that takes the call's arguments as they are: the function
+        picking the call's outputs from the graph's outputs (no value table at all)."""
+        if len(fused.groups) != 1 or fused.groups[0].stage.inputs != list(range(len(plan.placeholders))):
+            return None
+        outputs = fused.groups[0].stage.outputs
+        if not all(plan.output_is_slot):
+            return None
+        return _getter([outputs.index(s) for s in plan.output_spec])
 
     def accepts(self, action: Action, probe: Any, record_ranges: set, record_attn: set) -> bool:
         """Whether every cut this call reads is kept (else the unfused path runs it)."""
@@ -127,6 +141,9 @@ class FusedPath:
         probe: Any,
     ) -> tuple[tuple[Any, ...] | None, int, dict, dict]:
         """``StageRunner.run_graph`` over the groups (same arguments, same results)."""
+        if self.direct is not None:  # one graph: ``accepts`` let only FULL calls without probe in
+            fn, flops = self._resolve(runner, sig, 0, self.runs[0].stage, args)
+            return self.direct(fn(*args)), flops, _NOTHING, _NOTHING
         env: list[Any] = [None] * self.num_slots
         env[: len(args)] = args
         blocks = runner.blocks
