@@ -138,12 +138,12 @@ def fuse_plan(
         if len(members) == 1:
             stage = members[0].stage
         else:
-            stage = fuse_stages(_group_name(members), [u.stage for u in members], _kept(members, start, stop, readers))
+            stage = fuse_stages(_group_name(members), [u.stage for u in members], _kept(members, stop, readers))
         groups.append(
             Group(start, stop, stage, members[0].block, members[-1].block)
         )
     if probe is not None:
-        _attach_probe(plan, units, groups, block_unit, probe, readers)
+        _attach_probe(plan, units, groups, block_unit, probe)
     return FusedPlan(units, cuts, groups, block_unit, ranges, attn_blocks, probe)
 
 
@@ -163,7 +163,7 @@ def _readers(units: list[Unit], plan: StagePlan) -> dict[int, int]:
     return last
 
 
-def _kept(members: list[Unit], start: int, stop: int, readers: dict[int, int]) -> list[int]:
+def _kept(members: list[Unit], stop: int, readers: dict[int, int]) -> list[int]:
     """Note [fusion keeps values]: outputs of the group read after it (stages are in order,
     so "read by a later unit" is "last reader at or after ``stop``")."""
     kept: list[int] = []
@@ -172,7 +172,7 @@ def _kept(members: list[Unit], start: int, stop: int, readers: dict[int, int]) -
     return kept
 
 
-def _attach_probe(plan, units, groups, block_unit, probe: ProbePoint, readers) -> None:
+def _attach_probe(plan: StagePlan, units: list[Unit], groups: list[Group], block_unit: list[int], probe: ProbePoint) -> None:
     """Give the group that ends at the probe point a variant that also computes the indicator."""
     if probe.kind == "prologue":
         if plan.modulation_slot is None:
@@ -198,7 +198,8 @@ def _attach_probe(plan, units, groups, block_unit, probe: ProbePoint, readers) -
     group = next(g for g in groups if g.stop == end_unit + 1)
     members = units[group.start:group.stop]
     stages = [u.stage for u in members[:-1]] + [last]
-    kept = _kept(members, group.start, group.stop, readers)
+    # The variant returns what the plain group returns (a lone block: its attention outputs too).
+    kept = list(group.stage.outputs)
     group.probe_stage = fuse_stages(f"{_group_name(members)}.probe", stages, kept, extra)
 
 
