@@ -105,11 +105,11 @@ POLICIES = [
 ]
 
 
-def _generation(model, policy: str, options: dict, fuse: bool, monkeypatch) -> tuple[list, list, dict]:
-    monkeypatch.setattr(StageRunner, "fuse", fuse)
+def _generation(model, policy: str, options: dict, fuse: bool) -> tuple[list, list, dict]:
     torch._dynamo.reset()
     session = CacheSession(policy, **options)
-    compiled = torch.compile(model, backend="mixcache", options={"session": session, "engine": "eager"}, fullgraph=True)
+    backend_options = {"session": session, "engine": "eager", "fuse_stages": fuse}
+    compiled = torch.compile(model, backend="mixcache", options=backend_options, fullgraph=True)
     outs = []
     with torch.no_grad():
         for step in range(6):
@@ -120,11 +120,11 @@ def _generation(model, policy: str, options: dict, fuse: bool, monkeypatch) -> t
 
 
 @pytest.mark.parametrize("policy,options", POLICIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(POLICIES)])
-def test_fused_path_equals_unfused_path(policy: str, options: dict, monkeypatch):
+def test_fused_path_equals_unfused_path(policy: str, options: dict):
     torch.manual_seed(0)
     model = Net(depth=5).eval()
-    fused = _generation(model, policy, options, True, monkeypatch)
-    plain = _generation(model, policy, options, False, monkeypatch)
+    fused = _generation(model, policy, options, True)
+    plain = _generation(model, policy, options, False)
     # Same decisions, same indicators, bit-equal outputs, same FLOP accounting.
     assert fused[1] == plain[1]
     assert all(torch.equal(a, b) for a, b in zip(fused[0], plain[0]))
