@@ -35,11 +35,15 @@ class BackendOptions:
     session: CacheSession
     engine: Engine
     repeated_blocks: list[str] | None = None
+    fuse_stages: bool = True
 
     @staticmethod
-    def parse(options: dict[str, Any] | None) -> BackendOptions:
+    def parse(options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
+        """``options`` of ``torch.compile(..., backend="mixcache", options=...)``. torch.compile
+        takes ``mode`` or ``options``, not both: with options, give the mode as
+        ``options["mode"]``; inductor config goes in ``options["inductor"]`` (a dict)."""
         options = dict(options or {})
-        valid = {"session", "engine", "repeated_blocks", "policy"}
+        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
@@ -53,7 +57,13 @@ class BackendOptions:
         blocks = options.get("repeated_blocks")
         if blocks is not None and not (isinstance(blocks, (list, tuple)) and all(isinstance(b, str) for b in blocks)):
             raise TypeError("options['repeated_blocks'] must be a list of block class names")
-        return BackendOptions(session, make_engine(options.get("engine", "inductor")), list(blocks) if blocks else None)
+        if "mode" in options and mode not in (None, "default"):
+            raise TypeError("give the compile mode once (options['mode'] or torch.compile's mode)")
+        engine = make_engine(options.get("engine", "inductor"), options.get("mode", mode), options.get("inductor"))
+        fuse = options.get("fuse_stages", True)
+        if not isinstance(fuse, bool):
+            raise TypeError(f"options['fuse_stages'] must be a bool, got {fuse!r}")
+        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse)
 
 
 def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
@@ -81,7 +91,7 @@ def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine,
     if engine.name == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, list(example_inputs))
+        return compile_fx(gm, list(example_inputs), config_patches=getattr(engine, "config_patches", None) or None)
     return gm.forward
 
 
@@ -89,7 +99,7 @@ def mixcache_backend(
     gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None, mode: str | None = None
 ) -> Callable[..., Any]:
     """``torch.compile(model, backend="mixcache", options={"session": CacheSession(...), "engine": "eager"})``."""
-    opts = BackendOptions.parse(options)
+    opts = BackendOptions.parse(options, mode)
     if detach_context_parallel_hooks(gm):  # diffusers context parallelism: shard-local stages
         check_session_group(gm, opts.session)
     why = _partial_graph_reason(gm)
@@ -107,4 +117,6 @@ def mixcache_backend(
     )
     # Recompiles of one model see the same Parameter objects; another model does not.
     model_key = hash(tuple(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter)))
-    return StageRunner(plan, opts.engine, inputs, opts.session, model_key)
+    runner = StageRunner(plan, opts.engine, inputs, opts.session, model_key)
+    runner.fuse = opts.fuse_stages
+    return runner

@@ -1,12 +1,17 @@
-"""Backend benchmark: the mixcache backend against plain ``torch.compile(backend="inductor")``.
+"""Backend benchmark: the mixcache backend (engine ``inductor``) against plain
+``torch.compile(backend="inductor", fullgraph=True)``, in one process, interleaved, medians.
 
-On a bench-size random-weight ``WanTransformer3DModel`` (speed does not depend on trained
-weights), in one process, interleaved, median of repetitions:
-  1. per-call overhead of policy ``none`` vs plain inductor (ratio of median call times);
-  2. compile time (first call, inductor caches off) vs plain inductor's;
-  3. static schedules that skip a known FLOP fraction: achieved speedup over policy ``none``
-     vs the ideal ``1 / computed_fraction``.
-Writes JSON and prints a Markdown table. Usage: ``python tools/bench_backend.py [--quick]``.
+Two models:
+  * ``--model shipped``: the trained tiny Wan of ``mixcache_compile.zoo`` (4 blocks, 64 tokens:
+    launch/Python-bound, where per-call overhead is the whole game);
+  * ``--model bench``: a 12-block random-weight Wan (dim 128, 1152 tokens: compute-bound).
+For each policy: a separate-CFG sampling loop (guidance 5, Euler) through the policy's compiled
+model and through plain inductor, interleaved; speedup = plain / policy (median generation
+times), share of ideal = speedup x computed fraction (1.0: every skipped FLOP paid off in
+full). Also: compile time of policy ``none`` vs plain (first call, inductor caches off), the
+per-call time ratio of policy ``none``, the stage count after fusion, and a recompile check
+(Dynamo frames compiled and engine compiles during the timed runs must not grow).
+Usage: ``python tools/bench_backend.py --model shipped --steps 50`` (see README).
 """
 
 from __future__ import annotations
@@ -26,8 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixcache_compile import CacheSession  # noqa: E402
 from mixcache_compile.eval.timing import interleaved_medians, timed  # noqa: E402
 
+POLICIES = {
+    "none": ("none", {}),
+    "static_every_2": ("static", {"every": 2}),
+    "teacache_0.1": ("teacache", {"threshold": 0.1}),
+    "fbcache_0.1": ("fbcache", {"threshold": 0.1}),
+}
+
 
 def bench_model(layers: int):
+    """The 12-block bench model (kept for tools/bench_memory.py): model, latents, cond, uncond."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
@@ -41,7 +54,20 @@ def bench_model(layers: int):
     return model, latents, cond, uncond
 
 
-def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | None):
+def shipped_model():
+    """The shipped trained model with inputs of its training shape (random text embeddings)."""
+    from mixcache_compile.zoo import NUM_FRAMES, TEXT_LEN, load_config, load_transformer
+
+    model = load_transformer()
+    cfg, video = load_config()["transformer"], load_config()["video"]
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, cfg["in_channels"], NUM_FRAMES, video["height"], video["width"], generator=g)
+    cond = torch.randn(1, TEXT_LEN, cfg["text_dim"], generator=g)
+    uncond = torch.randn(1, TEXT_LEN, cfg["text_dim"], generator=g)
+    return model, latents, cond, uncond
+
+
+def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | None, guidance: float = 5.0):
     """A separate-CFG sampling loop (Euler on a fixed schedule), as WanPipeline runs it."""
     x = latents.clone()
     for i in range(steps):
@@ -53,110 +79,91 @@ def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | No
                     outs.append(fn(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0])
             else:
                 outs.append(fn(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0])
-        eps = outs[1] + 5.0 * (outs[0] - outs[1])
+        eps = outs[1] + guidance * (outs[0] - outs[1])
         x = x - eps / steps
     return x
 
 
-def _stages_only(compiled, session: CacheSession, call: dict):
-    """The planned stages run back to back with no session, no Dynamo guards: separates the
-    cost of splitting the graph from the cost of the runtime around it."""
-    from mixcache_compile.policies.protocol import FULL
-
-    compiled(**call)
-    runner = session._runner
-    captured: dict = {}
-    original = runner.run_graph
-    runner.run_graph = lambda args, *rest, **kw: (captured.setdefault("args", list(args)), original(args, *rest, **kw))[1]
-    compiled(**call)
-    runner.run_graph = original
-    args = captured["args"]
-    sig = runner.intern(runner.inputs.user_signature(args))
-    return lambda: runner.run_graph(args, sig, FULL, lambda rng: [], {}, set(), set())
+def _frames_compiled() -> int:
+    return sum(torch._dynamo.utils.counters["frames"].values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", choices=["shipped", "bench"], default="shipped")
+    parser.add_argument("--layers", type=int, default=12, help="blocks of the bench model")
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="fewer layers/steps/repeats (smoke run)")
-    parser.add_argument("--out", default="out/bench_backend.json")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: least sensitive to other load on the machine)")
+    parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {', '.join(POLICIES)}")
+    parser.add_argument("--out", default=None, help="JSON path (default out/bench_backend_<model>.json)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other load)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.quick:
-        args.layers, args.steps, args.repeats = 4, 6, 2
-    model, latents, cond, uncond = bench_model(args.layers)
+    model, latents, cond, uncond = shipped_model() if args.model == "shipped" else bench_model(args.layers)
     call = dict(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=cond, return_dict=False)
-    results: dict[str, float | int | str] = {"layers": args.layers, "steps": args.steps, "repeats": args.repeats,
-                                             "threads": torch.get_num_threads()}
+    names = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = [p for p in names if p not in POLICIES]
+    if unknown:
+        raise SystemExit(f"unknown policies {unknown}; valid: {', '.join(POLICIES)}")
+    results: dict = {"model": args.model, "blocks": len(model.blocks), "steps": args.steps, "repeats": args.repeats,
+                     "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0], "policies": {}}
     with torch.no_grad():
         torch._dynamo.reset()
         plain = torch.compile(model, backend="inductor", fullgraph=True)
-        results["compile_s_inductor"], _ = timed(lambda: plain(**call))
-        none_session = CacheSession("none")
-        ours = torch.compile(model, backend="mixcache", fullgraph=True, options={"session": none_session, "engine": "inductor"})
-        results["compile_s_mixcache"], _ = timed(lambda: ours(**call))
-        print(f"compile: inductor {results['compile_s_inductor']:.1f}s, mixcache {results['compile_s_mixcache']:.1f}s", flush=True)
-
-        stages_only = _stages_only(ours, none_session, call)
-        calls = interleaved_medians(
-            {"inductor": lambda: plain(**call), "mixcache_none": lambda: ours(**call), "stages_only": stages_only},
-            repeats=args.repeats * 40, warmup=3,
-        )
-        results["call_s_inductor"], results["call_s_mixcache_none"] = calls["inductor"], calls["mixcache_none"]
-        results["call_s_stages_only"] = calls["stages_only"]
-        results["overhead_ratio"] = calls["mixcache_none"] / calls["inductor"]
-        results["split_ratio"] = calls["stages_only"] / calls["inductor"]
-        results["runtime_ms_per_call"] = 1000 * (calls["mixcache_none"] - calls["stages_only"])
-
-        schedules = {
-            "step_every_2": CacheSession("static", every=2, warmup=2),
-            "block_every_2": CacheSession("static", schedule={i: f"block:2-{args.layers - 1}" for i in range(3, args.steps - 1, 2)}),
-            "cfg_every_2": CacheSession("static", schedule={(i, "uncond"): "cfg" for i in range(3, args.steps - 1, 2)}),
-        }
-        fns = {"none": lambda: generation(ours, latents, cond, uncond, args.steps, none_session)}
-        for name, session in schedules.items():
+        results["compile_s_plain"], _ = timed(lambda: plain(**call))
+        sessions, fns = {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None)}
+        for name in names:
+            policy, options = POLICIES[name]
+            session = sessions[name] = CacheSession(policy, **options)
             compiled = torch.compile(model, backend="mixcache", fullgraph=True, options={"session": session, "engine": "inductor"})
+            if name == "none":
+                results["compile_s_none"], _ = timed(lambda c=compiled: c(**call))
+                fns["none_call"] = lambda c=compiled: c(**call)
             fns[name] = (lambda c=compiled, s=session: generation(c, latents, cond, uncond, args.steps, s))
-            fns[name]()  # compile this policy's variants outside the timed runs
-        for session in [none_session, *schedules.values()]:
+            fns[name]()  # compile this policy's stages outside the timed runs
+            print(f"compiled {name}: {session.stats()['stages']} stage(s)", flush=True)
+        fns["plain_call"] = lambda: plain(**call)
+        for session in sessions.values():
             session.reset_stats()
-        gens = interleaved_medians(fns, repeats=args.repeats, warmup=1)
-        results.update({f"gen_s_{k}": v for k, v in gens.items()})
-        print({k: round(v, 3) for k, v in gens.items()}, flush=True)
-        for name, session in schedules.items():
-            fraction = session.stats()["computed_fraction"]
-            speedup = gens["none"] / gens[name]
-            results[f"{name}_computed_fraction"] = fraction
-            results[f"{name}_speedup"] = speedup
-            results[f"{name}_of_ideal"] = speedup * fraction
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+        frames = _frames_compiled()
+        gens = interleaved_medians({k: v for k, v in fns.items() if not k.endswith("_call")}, repeats=args.repeats, warmup=1)
+        if "none" in names:
+            calls = interleaved_medians({k: fns[k] for k in ("plain_call", "none_call")}, repeats=args.repeats * 20, warmup=3)
+            results["call_ratio_none"] = calls["plain_call"] / calls["none_call"]
+            results["call_ms_plain"] = 1000 * calls["plain_call"]
+        results["recompiles_during_timing"] = _frames_compiled() - frames
+        results["load_avg_end"] = os.getloadavg()[0]
+        results["gen_s_plain"] = gens["plain"]
+        for name, session in sessions.items():
+            stats = session.stats()
+            speedup = gens["plain"] / gens[name]
+            results["policies"][name] = {
+                "gen_s": gens[name], "speedup": speedup, "computed_fraction": stats["computed_fraction"],
+                "share_of_ideal": speedup * stats["computed_fraction"], "stages": stats["stages"],
+                "compiles": session._runner.engine.compiles, "generations": stats["generations"],
+            }
+    out = Path(args.out or f"out/bench_backend_{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
 
 
 def markdown(r: dict) -> str:
     lines = [
-        f"Bench model: WanTransformer3DModel, {r['layers']} blocks, dim 128, 1152 tokens; {r['steps']} steps x 2 CFG calls; "
-        f"{r['threads']} threads; medians of interleaved repetitions.",
+        f"Model `{r['model']}` ({r['blocks']} blocks); {r['steps']} steps x 2 CFG calls (guidance 5); {r['threads']} thread; "
+        f"medians of {r['repeats']} interleaved generations; load average {r['load_avg_start']:.1f} -> {r['load_avg_end']:.1f}.",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| per-call time, policy `none` / plain inductor | {r['overhead_ratio']:.3f} |",
-        f"| per-call time, planned stages alone (no runtime) / plain inductor | {r['split_ratio']:.3f} |",
-        f"| runtime cost per call (policy `none` minus stages alone) | {r['runtime_ms_per_call']:.2f} ms of "
-        f"{1000 * r['call_s_inductor']:.0f} ms |",
-        f"| compile time, mixcache / plain inductor | {r['compile_s_mixcache'] / r['compile_s_inductor']:.2f} "
-        f"({r['compile_s_mixcache']:.0f} s vs {r['compile_s_inductor']:.0f} s) |",
+        "| policy | stages | speedup vs plain | computed fraction | share of ideal |",
+        "|---|---|---|---|---|",
     ]
-    for name in ("step_every_2", "block_every_2", "cfg_every_2"):
-        lines.append(
-            f"| static `{name}`: computed fraction / speedup vs `none` / share of ideal 1/fraction | "
-            f"{r[f'{name}_computed_fraction']:.3f} / {r[f'{name}_speedup']:.2f}x / {r[f'{name}_of_ideal']:.1%} |"
-        )
+    for name, p in r["policies"].items():
+        lines.append(f"| `{name}` | {p['stages']} | {p['speedup']:.2f}x | {p['computed_fraction']:.3f} | {p['share_of_ideal']:.0%} |")
+    lines.append("")
+    if "call_ratio_none" in r:
+        lines.append(f"Per call, policy `none`: {r['call_ratio_none']:.3f}x plain ({r['call_ms_plain']:.2f} ms plain).")
+    if "compile_s_none" in r:
+        lines.append(f"Compile, policy `none` / plain: {r['compile_s_none']:.1f} s / {r['compile_s_plain']:.1f} s.")
+    lines.append(f"Dynamo frames compiled during the timed runs: {r['recompiles_during_timing']}.")
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ that takes it as an input.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,13 +17,18 @@ from typing import Any
 import torch
 
 from ..engines.base import Engine
+from ..passes.fuse import ProbePoint, fuse_plan
 from ..passes.indicator import with_residual_indicator, with_value_indicator
 from ..passes.plan import BlockStage, StagePlan, range_ok
 from ..passes.stage_graph import StageGraph
 from ..policies.protocol import Action, ActionKind, ModelInfo
 from .distributed import check_same_layout
 from .flops import FAKE, StageFlops, graph_flops, measure_flops
+from .fused_runner import FusedPath
 from .inputs import InputInfo
+
+log = logging.getLogger(__name__)
+_UNBOUND = object()
 
 
 @dataclass
@@ -39,6 +45,8 @@ class ProbeRun:
 
 class StageRunner:
     """Runs one planned graph under a session. Holds no cache state itself (the session does)."""
+
+    fuse: bool = True  # False: always run the unfused stages (the reference path)
 
     def __init__(self, plan: StagePlan, engine: Engine, inputs: InputInfo, session: Any, model_key: int = 0) -> None:
         self.plan = plan
@@ -67,6 +75,43 @@ class StageRunner:
         self._signature_ids: dict[tuple, int] = {}
         # Stages whose FLOPs were not counted on fake tensors, by name (read by stats()).
         self.flop_notes: dict[str, StageFlops] = {}
+        self._fused: FusedPath | None = None
+        self._fused_needs: Any = _UNBOUND
+
+    # ---- stage fusion by need (passes/fuse.py) --------------------------------------------
+    def fused_path(self) -> FusedPath | None:
+        """The fused groups for the session's current needs, built when those change.
+
+        Note [needs identity]: the session replaces its ``CacheNeeds`` object whenever it
+        asks the policy again (``_bind``), so an identity check per call is enough to notice."""
+        if not self.fuse:
+            return None
+        needs = getattr(self.session, "_needs", None)
+        if needs is self._fused_needs:
+            return self._fused
+        self._fused_needs = needs
+        self._fused = self._build_fused(needs)
+        return self._fused
+
+    def _build_fused(self, needs: Any) -> FusedPath | None:
+        stages = [self.plan.prologue, self.plan.epilogue, *self.plan.glue.values(), *(b.stage for b in self.blocks)]
+        if needs is None or any(getattr(s, "gm", None) is None for s in stages):
+            return None  # stages without graphs (an exported manifest) cannot be fused
+        probe = needs.probe
+        point = ProbePoint(probe.kind, probe.blocks) if probe is not None else None
+        if point is not None and self.probe_available(point.kind, point.blocks) is not None:
+            point = None  # the session refuses this probe: no cut for it
+        ranges = {r for r in needs.ranges if r in self.model_info.reusable_ranges}
+        attn = {g for g in needs.attn_blocks if 0 <= g < len(self.blocks)} if self.model_info.attention_reusable else set()
+        fused = fuse_plan(self.plan, ranges, attn, point)
+        log.info("mixcache: %d stage(s) for policy %r (of %d unfused; cuts before units %s)",
+                 fused.num_stages, getattr(self.session.policy, "name", "?"), len(fused.units), sorted(fused.cuts))
+        return FusedPath(self, fused, frozenset(needs.ranges))
+
+    def stage_count(self) -> int:
+        """Stage graphs a full call runs: the fused count under the current needs."""
+        path = self.fused_path()
+        return path.num_stages if path is not None else 2 + len(self.plan.glue) + len(self.blocks)
 
     def intern(self, signature: tuple) -> int:
         """A small int for a call signature, so the per-stage lookups of the hot path hash an
@@ -169,6 +214,9 @@ class StageRunner:
         the residuals of ``record_ranges`` and the attention outputs of ``record_attn``
         computed on the way (only for ranges/blocks actually computed). With a ``probe``, the
         action is decided at the probe point; outputs are None if it decides STEP."""
+        path = self.fused_path()
+        if path is not None and path.accepts(action, probe, record_ranges, record_attn):
+            return path.run(self, args, sig, action, residuals, cached_attn, record_ranges, record_attn, probe)
         env: list[Any] = [None] * self.plan.num_slots
         env[: len(args)] = args
         if probe is not None and probe.kind == "prologue":
@@ -198,7 +246,8 @@ class StageRunner:
                     g = skip[1]
                     continue
                 for rng in record_ranges:
-                    if rng[0] == g:
+                    # A declared range that is not reusable (it crosses chains) has no residual.
+                    if rng[0] == g and rng in self.model_info.reusable_ranges:
                         range_inputs[rng] = [env[s] for s in block.stream_in]
                 if g in reuse_attn:
                     variant = block.attn_reused

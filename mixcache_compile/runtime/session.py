@@ -158,6 +158,8 @@ class CacheSession:
             "flops_unknown": {n: r.note for n, r in self._flop_notes.items() if r.flops is None},
             "flops_from_real_tensors": sorted(n for n, r in self._flop_notes.items() if r.flops is not None),
             "trace_dropped": self.trace.dropped,
+            # stage graphs a full call runs (after fusion by need, passes/fuse.py)
+            "stages": self._runner.stage_count() if self._runner is not None else None,
         }
 
     def summary(self) -> str:

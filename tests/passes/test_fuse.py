@@ -1,0 +1,136 @@
+"""Stage fusion by need (passes/fuse.py): which groups each policy gets, what a fused group
+returns, and that the fused path decides and computes exactly as the unfused one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixcache_compile import CacheSession
+from mixcache_compile.passes.fuse import ProbePoint, fuse_plan, fuse_stages, stage_units
+from mixcache_compile.runtime.executor import StageRunner
+from tests.passes.test_planner_units import Net
+
+
+def _planned(depth: int = 5):
+    """A plain 5-block module, compiled once so the backend plans it; returns (model, runner)."""
+    torch.manual_seed(0)
+    model = Net(depth=depth).eval()
+    session = CacheSession("none")
+    compiled = torch.compile(model, backend="mixcache", options={"session": session, "engine": "eager"}, fullgraph=True)
+    with torch.no_grad():
+        compiled(*_inputs(0))
+    return model, session._runner
+
+
+def _inputs(seed: int, t: float = 0.3):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 6, 8, generator=g), torch.tensor([t, t])
+
+
+def _unit_names(plan, fused) -> list[list[str]]:
+    return [[u.stage.name for u in fused.units[g.start:g.stop]] for g in fused.groups]
+
+
+def test_groups_per_policy_shape():
+    _, runner = _planned()
+    plan = runner.plan
+    names = [u.stage.name for u in stage_units(plan)]
+    assert names == ["prologue", *(f"block.0.{k}" for k in range(5)), "epilogue"]
+    # none: one graph
+    assert _unit_names(plan, fuse_plan(plan)) == [names]
+    # fbcache Fn=1, Bn=1: [prologue + block 0 + probe] [blocks 1-3] [block 4 + epilogue]
+    fb = fuse_plan(plan, ranges={(1, 4)}, probe=ProbePoint("blocks", 1))
+    assert _unit_names(plan, fb) == [names[:2], names[2:5], names[5:]]
+    assert fb.groups[0].probe_stage is not None and fb.groups[1].probe_stage is None
+    # teacache: [prologue + probe] [the rest]
+    tc = fuse_plan(plan, probe=ProbePoint("prologue"))
+    assert _unit_names(plan, tc) == [names[:1], names[1:]]
+    # static with a block range and one attention block: only those cuts
+    st = fuse_plan(plan, ranges={(1, 3)}, attn_blocks={4})
+    assert _unit_names(plan, st) == [names[:2], names[2:4], names[4:5], names[5:6], names[6:]]
+    # a single-unit group is the planned stage itself (shared compiled artifact)
+    assert st.groups[2].stage is plan.blocks()[3].stage
+    assert st.covers(ranges={(1, 3)}, attn_blocks={4}) and not st.covers(ranges={(0, 3)})
+
+
+def test_fused_group_returns_only_values_read_outside():
+    _, runner = _planned()
+    plan = runner.plan
+    fb = fuse_plan(plan, ranges={(1, 4)}, probe=ProbePoint("blocks", 1))
+    blocks = plan.blocks()
+    middle = fb.groups[1].stage
+    # The range's output is its last block's hidden stream; the attention outputs every
+    # block stage returns (for recording) and the streams between fused blocks stay inside.
+    assert middle.outputs == [dst for _, dst in blocks[3].stream_map]
+    assert not set(middle.outputs) & {s for b in blocks for s in b.attn_out}
+    whole = fuse_plan(plan).groups[0].stage
+    assert whole.outputs == [s for s in plan.output_spec]
+    assert whole.inputs == sorted(whole.inputs)
+
+
+def test_fuse_stages_equals_running_the_stages_in_order(monkeypatch):
+    model, runner = _planned()
+    plan = runner.plan
+    seen: list = []
+    original = StageRunner.run_graph
+    monkeypatch.setattr(StageRunner, "run_graph", lambda self, args, *rest: (seen.append(list(args)), original(self, args, *rest))[1])
+    compiled = torch.compile(model, backend="mixcache", options={"session": runner.session, "engine": "eager"}, fullgraph=True)
+    with torch.no_grad():
+        compiled(*_inputs(3))
+        args = seen[-1]
+        env = dict(enumerate(args))
+        for unit in stage_units(plan):
+            env.update(zip(unit.stage.outputs, unit.stage.gm(*[env[s] for s in unit.stage.inputs])))
+        fused = fuse_stages("all", [u.stage for u in stage_units(plan)], list(plan.output_spec))
+        got = fused.gm(*[args[s] for s in fused.inputs])
+        want = model(*_inputs(3))
+    assert torch.equal(got[0], env[plan.output_spec[0]])
+    torch.testing.assert_close(got[0], want, rtol=0, atol=1e-6)
+
+
+def test_fuse_stages_names_a_missing_output():
+    _, runner = _planned()
+    with pytest.raises(ValueError, match="not produced"):
+        fuse_stages("p", [runner.plan.prologue], [10**6])
+
+
+POLICIES = [
+    ("none", {}),
+    ("fbcache", {"threshold": 0.5, "Fn": 1, "Bn": 1}),
+    ("fbcache", {"threshold": 0.5, "Fn": 2, "Bn": 0, "update": "always"}),
+    ("teacache", {"threshold": 0.3, "final_full": 0}),
+    ("static", {"every": 2}),
+    ("static", {"schedule": {2: "block:1-3", 3: "attn:2,4", 4: "block:1-3"}, "reuse": "attn:2,4", "every": 3}),
+]
+
+
+def _generation(model, policy: str, options: dict, fuse: bool) -> tuple[list, list, dict]:
+    torch._dynamo.reset()
+    session = CacheSession(policy, **options)
+    backend_options = {"session": session, "engine": "eager", "fuse_stages": fuse}
+    compiled = torch.compile(model, backend="mixcache", options=backend_options, fullgraph=True)
+    outs = []
+    with torch.no_grad():
+        for step in range(6):
+            for branch, seed in (("cond", 0), ("uncond", 1)):
+                with session.context(branch, step_index=step, num_inference_steps=6):
+                    outs.append(compiled(*_inputs(seed, t=0.9 - 0.05 * step)))
+    return outs, [(e.action, e.indicator) for e in session.trace], session.stats()
+
+
+@pytest.mark.parametrize("policy,options", POLICIES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(POLICIES)])
+def test_fused_path_equals_unfused_path(policy: str, options: dict):
+    torch.manual_seed(0)
+    model = Net(depth=5).eval()
+    fused = _generation(model, policy, options, True)
+    plain = _generation(model, policy, options, False)
+    # Same decisions, same indicators, bit-equal outputs, same FLOP accounting.
+    assert fused[1] == plain[1]
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], plain[0]))
+    assert fused[2]["computed_fraction"] == plain[2]["computed_fraction"]
+    assert plain[2]["stages"] == 7
+    expected = {"none": 1, "fbcache": 3, "teacache": 2, "static": 1 if "schedule" not in options else 6}
+    assert fused[2]["stages"] == expected[policy]
+    if policy != "none":
+        assert {a for a, _ in fused[1]} != {"FULL"}, "the schedule should reuse something"
