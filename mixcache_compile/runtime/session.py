@@ -143,6 +143,8 @@ class CacheSession:
             "actions": dict(self._actions),
             "fallbacks": dict(self._fallbacks),
             "non_finite": self._non_finite_count,
+            # Calls under torch.compile that never reached this session (Note [bypass detector]).
+            "bypassed_calls": self._bypassed_calls,
             "generations": self.generation + (1 if self._calls else 0),
             "cache_bytes": self._store.nbytes(),
             "cache_peak_bytes": self._store.peak_bytes,
@@ -162,6 +164,7 @@ class CacheSession:
         self._actions: Counter[str] = Counter()
         self._fallbacks: Counter[str] = Counter()
         self._non_finite_count = 0
+        self._bypassed_calls = 0
         self._signature: tuple | None = None
         self._computed_this_step = set()
         self._step: int | None = None
