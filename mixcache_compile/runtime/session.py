@@ -23,8 +23,9 @@ from ..policies import make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
-from .distributed import all_ranks, reduce_mean, reduce_sum
+from .distributed import reduce_mean, reduce_sum
 from .executor import ProbeRun
+from .host_flags import FiniteFlag
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class CacheSession:
         self.batch_order = tuple(batch_order)
         self._tracker = StepTracker(cfg, tuple(branch_order))
         self._store = CacheStore()
+        self._finite: dict[tuple, FiniteFlag] = {}  # Note [finite flags off the per-call path]
         self._local = threading.local()
         self._runner: Any = None
         self._needs: CacheNeeds | None = None
@@ -102,6 +104,7 @@ class CacheSession:
     def reset(self) -> None:
         """Forget the current generation: caches freed, tracker and policy reset."""
         self._store.clear()
+        self._finite.clear()
         self._tracker.reset()
         self.policy.reset()
         self._signature = None
@@ -222,6 +225,7 @@ class CacheSession:
     def _new_generation(self) -> None:
         self.generation += 1
         self._store.clear()
+        self._finite.clear()
         self.policy.reset()
         self._computed_this_step = set()
 
@@ -244,21 +248,29 @@ class CacheSession:
 
     def _non_finite(self, branch: str, action: Action) -> str | None:
         """Note [non-finite caches]: a NaN/Inf in a tensor an action would reuse makes the call
-        compute in full (and the next computed call overwrites the cache). One device fetch."""
+        compute in full (and the next computed call overwrites the cache). The flags were
+        computed when the tensors were stored (Note [finite flags off the per-call path])."""
         kind = action.kind
         if kind is ActionKind.STEP:
-            tensors = self._cached_list(("out", branch)) + self._cached_list(("fresh_prev", branch))
+            prefixes = [("out", branch), ("fresh_prev", branch)]
         elif kind is ActionKind.CFG:
-            tensors = self._cached_list(("delta",)) + (self._cached_list(("out", "cond")) if branch == "uncond" else [])
+            prefixes = [("delta",)] + ([("out", "cond")] if branch == "uncond" else [])
         elif kind is ActionKind.BLOCK:
-            tensors = self._cached_list(("res", branch, *action.block_range))
+            prefixes = [("res", branch, *action.block_range)]
         elif kind is ActionKind.ATTN:
-            tensors = [t for g in action.attn_blocks for t in self._cached_list(("attn", branch, g))]
+            prefixes = [("attn", branch, g) for g in action.attn_blocks]
         else:
             return None
-        if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
-            self._non_finite_count += 1
-            return "non-finite cached tensor"
+        for prefix in prefixes:
+            tensors = self._cached_list(prefix)
+            if not tensors:
+                continue
+            flag = self._finite.get(prefix)
+            if flag is None:  # stored by a path that keeps no flag: compute it now (one read)
+                flag = self._finite[prefix] = FiniteFlag(tensors)
+            if not flag.all_finite():
+                self._non_finite_count += 1
+                return "non-finite cached tensor"
         return None
 
     def _missing(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None) -> str | None:
@@ -404,6 +416,9 @@ class CacheSession:
         if computed and needs.history >= 2:
             for i in range(len(tensors)):
                 self._store.rotate(("fresh", branch, i), ("fresh_prev", branch, i))
+            previous = self._finite.pop(("fresh", branch), None)
+            if previous is not None:
+                self._finite[("fresh_prev", branch)] = previous
             self._put_list(("fresh", branch), outs)
         if not (needs.cfg_delta and computed):
             return
@@ -445,8 +460,11 @@ class CacheSession:
         return values
 
     def _put_list(self, prefix: tuple, values: list[Any]) -> None:
-        for i, v in enumerate(v for v in values if isinstance(v, torch.Tensor)):
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        for i, v in enumerate(tensors):
             self._store.put((*prefix, i), v)
+        if self.check_finite and tensors:
+            self._finite[prefix] = FiniteFlag(tensors)
 
     def _account(self, runner: Any, args: Sequence[Any], sig: int, call: _Call, flops: int) -> None:
         action, requested, reason = call.action, call.requested, call.reason
