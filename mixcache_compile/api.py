@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,8 +11,6 @@ import torch
 from .engines import ENGINES
 from .runtime.entry import ON_BYPASS, install_entry
 from .runtime.session import CacheSession
-
-log = logging.getLogger(__name__)
 
 # Pipelines that batch both CFG branches into one call name that call "cond_uncond"
 # (CogVideoX); separate-branch pipelines (Wan, Flux true-CFG) say "cond" / "uncond".

@@ -90,8 +90,8 @@ def _protect_traced_model(opts: BackendOptions) -> None:
     own entry code for its next calls (Note [own entry code] in runtime/entry.py).
 
     This compile is on the code object the model's class shares; from the next call on the
-    model enters through its own copy, which Dynamo traces once more (the stages are not
-    compiled again: the engine is the session's, and equal graphs get the same runner).
+    model enters through its own copy, which Dynamo traces once more (no stage is compiled
+    again: the equal graph gets the first runner back, see mixcache_backend).
     ``enable()`` installs the entry before compiling, so it never takes this path."""
     tx = _traced_frame()
     if tx is None or tx.f_code.co_argcount == 0:

@@ -84,10 +84,13 @@ def own_code_copy(func: types.FunctionType, tag: str) -> types.FunctionType:
 class ModelEntry:
     """What :func:`install_entry` put on a model: the session it serves and the bypass count."""
 
-    def __init__(self, session: Any, on_bypass: str, forward: Callable[..., Any], isolated: bool) -> None:
+    def __init__(self, session: Any, on_bypass: str, func: Callable[..., Any], bound: bool, isolated: bool) -> None:
         self.session = session
         self.on_bypass = on_bypass
-        self.forward = forward  # the model's forward with its own code object (or the original if not isolable)
+        # The model's forward function with its own code object (or the original if it cannot
+        # be copied); ``bound``: it takes the model as its first argument.
+        self.func = func
+        self.bound = bound
         self.isolated = isolated
         self.checked_calls = 0
         self._warned_generation: int | None = None
@@ -112,25 +115,24 @@ class ModelEntry:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def _make_entry(entry: ModelEntry) -> Callable[..., Any]:
-    forward = entry.forward
+def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's ``forward`` (bound to the instance, so ``copy.deepcopy`` rebinds it to the copy)."""
+    entry: ModelEntry = self.__dict__[_ENTRY_ATTR]
+    if entry.bound:
+        args = (self, *args)
+    # Note [bypass detector]: only calls under a Dynamo callback must reach the session.
+    # (No helper frames here: the first frame Dynamo sees must be the model's own copy.)
+    if get_eval_frame_callback() is None:
+        return entry.func(*args, **kwargs)
+    before = _reached_count()
+    out = entry.func(*args, **kwargs)
+    entry.after_call(before)
+    return out
 
-    def mixcache_entry(*args: Any, **kwargs: Any) -> Any:
-        # Note [bypass detector]: only calls under a Dynamo callback must reach the session.
-        if get_eval_frame_callback() is None:
-            return forward(*args, **kwargs)
-        before = _reached_count()
-        out = forward(*args, **kwargs)
-        entry.after_call(before)
-        return out
 
-    return mixcache_entry
-
-
-def _mark_skip(wrapper: Callable[..., Any]) -> Callable[..., Any]:
-    # Every model's wrapper shares one code object; marking it skip (idempotent) makes Dynamo
-    # run this frame eagerly and start tracing at the model's own forward copy it calls.
-    return dynamo_skip_frame(wrapper)
+# Every model's entry is this one function: Dynamo runs its frame eagerly (skip) and starts
+# tracing at the model's own forward copy it calls.
+dynamo_skip_frame(_mixcache_entry)
 
 
 def entry_of(model: torch.nn.Module) -> ModelEntry | None:
@@ -150,12 +152,12 @@ def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn")
     forward = model.forward
     tag = f"mixcache#{next(_serial)}"
     if isinstance(forward, types.MethodType) and forward.__self__ is model and isinstance(forward.__func__, types.FunctionType):
-        own: Callable[..., Any] = types.MethodType(own_code_copy(forward.__func__, tag), model)
-        isolated = True
-    elif isinstance(forward, types.FunctionType):  # an instance attribute (e.g. diffusers hook registries)
-        own, isolated = own_code_copy(forward, tag), True
+        own: Callable[..., Any] = own_code_copy(forward.__func__, tag)
+        bound = isolated = True
+    elif isinstance(forward, types.FunctionType):  # an instance attribute
+        own, bound, isolated = own_code_copy(forward, tag), False, True
     else:
-        own, isolated = forward, False
+        own, bound, isolated = forward, False, False
         warnings.warn(
             f"mixcache: {type(model).__name__}.forward is a {type(forward).__name__}, not a function; it keeps "
             "the code object it shares with other compiles, which can make Dynamo skip it. Calls that skip the "
@@ -163,7 +165,7 @@ def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn")
             RuntimeWarning,
             stacklevel=3,
         )
-    entry = ModelEntry(session, on_bypass, own, isolated)
-    model.forward = _mark_skip(_make_entry(entry))
+    entry = ModelEntry(session, on_bypass, own, bound, isolated)
     model.__dict__[_ENTRY_ATTR] = entry
+    model.forward = types.MethodType(_mixcache_entry, model)
     return entry
