@@ -16,7 +16,8 @@ So the model's ``forward`` is replaced, on the instance only, by a copy of the f
 ``__code__`` is a fresh code object (``code.replace``): nothing another compile does to the
 shared code object can reach it, and each enabled model keeps its Dynamo cache entries to
 itself (which is also why no global ``recompile_limit`` has to grow with the number of
-enabled models). The copy is reached through a small wrapper whose own code object we mark
+enabled models). The copy is reached through ``_mixcache_entry`` (one module-level function,
+bound to the instance as its ``forward``), whose code object we mark
 skip (``torch._dynamo.decorators.skip``: this frame runs eagerly, the frames it calls are
 still intercepted), which counts the calls made under a Dynamo callback and checks that each
 reached the session.
