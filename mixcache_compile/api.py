@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,9 +11,8 @@ import torch
 from .engines import ENGINES
 from .parallel import prepare_context_parallel
 from .policies import DEFAULT_POLICY, PolicyConfig, Policy
+from .runtime.entry import ON_BYPASS, install_entry
 from .runtime.session import CacheSession
-
-log = logging.getLogger(__name__)
 
 # Pipelines that batch both CFG branches into one call name that call "cond_uncond"
 # (CogVideoX); separate-branch pipelines (Wan, Flux true-CFG) say "cond" / "uncond".
@@ -28,6 +26,7 @@ def enable(
     *,
     cfg: str = "auto",
     fullgraph: bool = True,
+    on_bypass: str = "warn",
     **policy_options: Any,
 ) -> CacheSession:
     """Compile ``pipe.transformer`` (or the model itself) with the mixcache backend and wire
@@ -36,14 +35,23 @@ def enable(
     (``enable(pipe, "fbcache", threshold=0.1)`` builds that config), or a policy object.
     Returns the session (``summary()``, ``stats()``, ``trace``, ``reset()``). The pipeline keeps working as before; its transformer is
     replaced by the compiled module.
+
+    The model gets a ``forward`` code object of its own, so other compiled copies of its class
+    in the process cannot make Dynamo skip it (Note [own entry code]); a call that still does
+    not reach the session is counted in ``stats()["bypassed_calls"]`` and, by ``on_bypass``,
+    warned about ("warn", once per generation) or raised ("raise").
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(sorted(ENGINES))}")
+    if on_bypass not in ON_BYPASS:
+        raise ValueError(f"on_bypass must be one of {ON_BYPASS}, got {on_bypass!r}")
     model, owner = _find_transformer(pipe_or_model)
     if getattr(model, "_mixcache_session", None) is not None:
         raise RuntimeError("mixcache is already enabled on this model; use the session it returned")
     session = CacheSession(policy, cfg=cfg, **policy_options)
-    _allow_sessions_per_class()
+    # Before torch.compile: OptimizedModule calls model.__call__, which looks up the
+    # instance's forward at call time, so every compiled call enters through our own code.
+    install_entry(model, session, on_bypass)
     options = {"session": session, "engine": engine}
     repeated = getattr(type(model), "_repeated_blocks", None)
     if repeated:
@@ -58,20 +66,6 @@ def enable(
         setattr(owner, "transformer", compiled)
     session.compiled = compiled
     return session
-
-
-# Each enable() is its own backend, and Dynamo keeps one cache entry per backend on the
-# forward code object that all instances of a model class share; its default limit of 8
-# entries would make the 9th enabled pipeline of one class fail with fullgraph=True.
-_MIN_RECOMPILE_LIMIT = 64
-
-
-def _allow_sessions_per_class() -> None:
-    config = torch._dynamo.config
-    if config.recompile_limit < _MIN_RECOMPILE_LIMIT:
-        log.info("mixcache: raising torch._dynamo.config.recompile_limit from %d to %d (one entry per enabled pipeline)",
-                 config.recompile_limit, _MIN_RECOMPILE_LIMIT)
-        config.recompile_limit = _MIN_RECOMPILE_LIMIT
 
 
 def _find_transformer(obj: Any) -> tuple[torch.nn.Module, Any]:

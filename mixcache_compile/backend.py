@@ -23,6 +23,7 @@ from .parallel import check_session_group
 from .passes.context_parallel_hooks import detach_context_parallel_hooks
 from .passes.plan import PlanError, plan_stages
 from .policies import DEFAULT_POLICY
+from .runtime.entry import ON_BYPASS, entry_of, install_entry
 from .runtime.executor import StageRunner
 from .runtime.inputs import classify_inputs
 from .runtime.session import CacheSession
@@ -36,6 +37,7 @@ class BackendOptions:
     engine: Engine
     repeated_blocks: list[str] | None = None
     fuse_stages: bool = True
+    on_bypass: str = "warn"
 
     @staticmethod
     def parse(options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -43,7 +45,7 @@ class BackendOptions:
         takes ``mode`` or ``options``, not both: with options, give the mode as
         ``options["mode"]``; inductor config goes in ``options["inductor"]`` (a dict)."""
         options = dict(options or {})
-        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages"}
+        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
@@ -63,7 +65,10 @@ class BackendOptions:
         fuse = options.get("fuse_stages", True)
         if not isinstance(fuse, bool):
             raise TypeError(f"options['fuse_stages'] must be a bool, got {fuse!r}")
-        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse)
+        on_bypass = options.get("on_bypass", "warn")
+        if on_bypass not in ON_BYPASS:
+            raise TypeError(f"options['on_bypass'] must be one of {ON_BYPASS}, got {on_bypass!r}")
+        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass)
 
 
 def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
@@ -76,14 +81,40 @@ def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def _traced_code_name() -> str:
-    """Name of the function Dynamo is tracing (resume functions after a break have a telltale name)."""
+def _traced_frame() -> Any:
+    """The root frame translator Dynamo is tracing now, or None (a direct call of the backend)."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        return InstructionTranslator.current_tx().f_code.co_name
-    except Exception:  # not inside a Dynamo trace (a direct call of the backend)
-        return ""
+        return InstructionTranslator.current_tx()
+    except Exception:
+        return None
+
+
+def _traced_code_name() -> str:
+    """Name of the function Dynamo is tracing (resume functions after a break have a telltale name)."""
+    tx = _traced_frame()
+    return tx.f_code.co_name if tx is not None else ""
+
+
+def _protect_traced_model(opts: BackendOptions) -> None:
+    """Backend form (``torch.compile(model, backend="mixcache")``): give the traced model its
+    own entry code for its next calls (Note [own entry code] in runtime/entry.py).
+
+    This compile is on the code object the model's class shares; from the next call on the
+    model enters through its own copy, which Dynamo traces once more (no stage is compiled
+    again: the equal graph gets the first runner back, see mixcache_backend).
+    ``enable()`` installs the entry before compiling, so it never takes this path."""
+    tx = _traced_frame()
+    if tx is None or tx.f_code.co_argcount == 0:
+        return
+    model = tx.f_locals.get(tx.f_code.co_varnames[0])
+    if not isinstance(model, torch.nn.Module) or entry_of(model) is not None:
+        return
+    forward = model.forward
+    if getattr(getattr(forward, "__func__", forward), "__code__", None) is not tx.f_code:
+        return  # the traced frame is not this model's forward (a function compiled directly)
+    install_entry(model, opts.session, opts.on_bypass)
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:
@@ -110,6 +141,7 @@ def mixcache_backend(
             why = str(err)
     if why is not None:
         return _fallback(gm, example_inputs, opts.engine, why)
+    _protect_traced_model(opts)
     inputs = classify_inputs(plan.placeholders, example_inputs)
     log.info(
         "mixcache: planned %d block(s) in %d chain(s), range reuse %s, engine %s",
@@ -117,6 +149,19 @@ def mixcache_backend(
     )
     # Recompiles of one model see the same Parameter objects; another model does not.
     model_key = hash(tuple(id(a) for a in example_inputs if isinstance(a, torch.nn.Parameter)))
-    runner = StageRunner(plan, opts.engine, inputs, opts.session, model_key)
-    runner.fuse = opts.fuse_stages
-    return runner
+    # The backend form traces a model twice (see _protect_traced_model): the second, equal
+    # graph gets the first one's runner, so nothing is compiled twice and the session keeps
+    # its caches (a new runner would make it drop them).
+    key = (model_key, opts.engine.name, tuple(opts.repeated_blocks or ()), gm.code, _input_signature(example_inputs))
+    runners: dict[tuple, StageRunner] = opts.session.__dict__.setdefault("_backend_runners", {})
+    if key not in runners:
+        runners[key] = StageRunner(plan, opts.engine, inputs, opts.session, model_key)
+        runners[key].fuse = opts.fuse_stages
+    return runners[key]
+
+
+def _input_signature(example_inputs: Sequence[Any]) -> tuple:
+    return tuple(
+        (str(tuple(a.shape)), a.dtype, a.device.type, a.requires_grad) if isinstance(a, torch.Tensor) else repr(a)
+        for a in example_inputs
+    )

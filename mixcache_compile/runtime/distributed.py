@@ -68,6 +68,16 @@ def all_ranks(flag: torch.Tensor, group: ProcessGroup | None = None) -> bool:
     return bool(value.item())
 
 
+def agree_all(local: bool, group: ProcessGroup | None = None) -> bool:
+    """``local`` on one process; on several, True only if it holds on every rank of ``group``.
+
+    Takes a host bool, so a single process pays no device read (Note [finite flags off the
+    per-call path]); ranks pay one all_reduce, which keeps their fallbacks alike."""
+    if not _active(group):
+        return local
+    return all_ranks(torch.tensor(local), group)
+
+
 def check_same_layout(live: torch.Tensor, cached: torch.Tensor, what: str) -> None:
     """Raise if a cached tensor does not have the live tensor's shape (Note [shard-local caches])."""
     if cached.shape != live.shape:

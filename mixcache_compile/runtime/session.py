@@ -23,8 +23,9 @@ from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
 from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
-from .distributed import all_ranks, reduce_mean, reduce_ratio
+from .distributed import agree_all, reduce_mean, reduce_ratio
 from .executor import ProbeRun
+from .host_flags import FiniteFlag
 from .trace_log import DEFAULT_TRACE_LIMIT, TraceLog
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class CacheSession:
         self.batch_order = tuple(batch_order)
         self._tracker = StepTracker(cfg, tuple(branch_order))
         self._store = CacheStore()
+        self._finite: dict[tuple, FiniteFlag] = {}  # Note [finite flags off the per-call path]
         self._local = threading.local()
         self._runner: Any = None
         self._needs: CacheNeeds | None = None
@@ -109,6 +111,7 @@ class CacheSession:
     def reset(self) -> None:
         """Forget the current generation: caches freed, tracker and policy reset."""
         self._store.clear()
+        self._finite.clear()
         self._tracker.reset()
         self.policy.reset()
         self._signature = None
@@ -150,6 +153,8 @@ class CacheSession:
             "actions": dict(self._actions),
             "fallbacks": dict(self._fallbacks),
             "non_finite": self._non_finite_count,
+            # Calls under torch.compile that never reached this session (Note [bypass detector]).
+            "bypassed_calls": self._bypassed_calls,
             "generations": self.generation + (1 if self._calls else 0),
             "cache_bytes": self._store.nbytes(),
             "cache_peak_bytes": self._store.peak_bytes,
@@ -183,6 +188,7 @@ class CacheSession:
         self._fallbacks: Counter[str] = Counter()
         self._non_finite_count = 0
         self._flop_notes: dict[str, Any] = {}
+        self._bypassed_calls = 0
         self._signature: tuple | None = None
         self._computed_this_step = set()
         self._step: int | None = None
@@ -240,6 +246,7 @@ class CacheSession:
     def _new_generation(self) -> None:
         self.generation += 1
         self._store.clear()
+        self._finite.clear()
         self.policy.reset()
         self._computed_this_step = set()
         self._signature = None  # a new shape in a new generation is not a mid-generation change
@@ -263,19 +270,32 @@ class CacheSession:
 
     def _non_finite(self, branch: str, action: Action) -> str | None:
         """Note [non-finite caches]: a NaN/Inf in a tensor an action would reuse makes the call
-        compute in full (and the next computed call overwrites the cache). One device fetch."""
+        compute in full (and the next computed call overwrites the cache). The flags were
+        computed when the tensors were stored (Note [finite flags off the per-call path])."""
         kind = action.kind
         if kind is ActionKind.STEP:
-            tensors = self._cached_list(("out", branch)) + self._cached_list(("fresh_prev", branch))
+            prefixes = [("out", branch), ("fresh_prev", branch)]
         elif kind is ActionKind.CFG:
-            tensors = self._cached_list(("delta",)) + (self._cached_list(("out", "cond")) if branch == "uncond" else [])
+            prefixes = [("delta",)] + ([("out", "cond")] if branch == "uncond" else [])
         elif kind is ActionKind.BLOCK:
-            tensors = self._cached_list(("res", branch, *action.block_range))
+            prefixes = [("res", branch, *action.block_range)]
         elif kind is ActionKind.ATTN:
-            tensors = [t for g in action.attn_blocks for t in self._cached_list(("attn", branch, g))]
+            prefixes = [("attn", branch, g) for g in action.attn_blocks]
         else:
             return None
-        if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all(), self.process_group):
+        all_finite = True
+        for prefix in prefixes:
+            tensors = self._cached_list(prefix)
+            if not tensors:
+                continue
+            flag = self._finite.get(prefix)
+            if flag is None:  # stored by a path that keeps no flag: compute it now (one read)
+                flag = self._finite[prefix] = FiniteFlag(tensors)
+            if not flag.all_finite():
+                all_finite = False
+                break
+        # Note [rank-consistent decisions]: every rank of the group falls back, or none does.
+        if not agree_all(all_finite, self.process_group):
             self._non_finite_count += 1
             return "non-finite cached tensor"
         return None
@@ -423,6 +443,9 @@ class CacheSession:
         if computed and needs.history >= 2:
             for i in range(len(tensors)):
                 self._store.rotate(("fresh", branch, i), ("fresh_prev", branch, i))
+            previous = self._finite.pop(("fresh", branch), None)
+            if previous is not None:
+                self._finite[("fresh_prev", branch)] = previous
             self._put_list(("fresh", branch), outs)
         if not (needs.cfg_delta and computed):
             return
@@ -464,8 +487,11 @@ class CacheSession:
         return values
 
     def _put_list(self, prefix: tuple, values: list[Any]) -> None:
-        for i, v in enumerate(v for v in values if isinstance(v, torch.Tensor)):
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        for i, v in enumerate(tensors):
             self._store.put((*prefix, i), v)
+        if self.check_finite and tensors:
+            self._finite[prefix] = FiniteFlag(tensors)
 
     def _account(self, runner: Any, args: Sequence[Any], sig: int, call: _Call, flops: int) -> None:
         action, requested, reason = call.action, call.requested, call.reason

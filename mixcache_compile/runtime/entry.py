@@ -1,0 +1,172 @@
+"""Each cached model gets an entry frame of its own, and every call through it is counted.
+
+Note [own entry code]: Dynamo keeps its cache entries *and* its frame action (run the
+compiled code, or skip the frame and run it eagerly) on the code object of the first Python
+frame it intercepts. For a diffusers transformer that is ``type(model).forward`` or the
+decorator ``wrapper`` in ``diffusers/utils/peft_utils.py``: one code object shared by every
+instance of the class, and by every class that decorator wraps. When another compile of any
+such model fails on that frame and Dynamo suppresses the error (a diffusers-hooked copy under
+``torch.compile`` does: ``Unsupported hasattr call`` inside the hooks), ``convert_frame``
+returns the default ``ConvertFrameReturn`` (``FrameAction.SKIP``, ``apply_to_code=True``),
+and the shared code object is marked "skip" for every later frame, whatever its callback:
+our compiled entry on it is never looked up again, the model runs eagerly, the session never
+hears of the call, and caching is off without a word.
+
+So the model's ``forward`` is replaced, on the instance only, by a copy of the function whose
+``__code__`` is a fresh code object (``code.replace``): nothing another compile does to the
+shared code object can reach it, and each enabled model keeps its Dynamo cache entries to
+itself (which is also why no global ``recompile_limit`` has to grow with the number of
+enabled models). The copy is reached through ``_mixcache_entry`` (one module-level function,
+bound to the instance as its ``forward``), whose code object we mark
+skip (``torch._dynamo.decorators.skip``: this frame runs eagerly, the frames it calls are
+still intercepted), which counts the calls made under a Dynamo callback and checks that each
+reached the session.
+
+Note [bypass detector]: a call made while a Dynamo callback is installed (the model runs
+under ``torch.compile``) must reach a mixcache ``StageRunner`` (which calls
+:func:`note_reached`; counted per thread, so concurrent calls of other models cannot hide a
+bypass). If it does not, the call ran outside the mixcache graph (a skipped or fallen-back
+frame) and was not cached: that is counted in ``stats()["bypassed_calls"]`` and, as chosen
+by ``on_bypass``, warned about (once per generation) or raised. A call of the model outside
+any compile (no callback) is the user's eager model and is not checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._dynamo.decorators import skip as dynamo_skip_frame
+
+log = logging.getLogger(__name__)
+
+ON_BYPASS = ("warn", "raise")
+_ENTRY_ATTR = "_mixcache_entry"
+_serial = itertools.count()
+_reached = threading.local()
+
+
+def note_reached() -> None:
+    """Called by every ``StageRunner`` call: the call reached the mixcache graph (Note [bypass detector])."""
+    _reached.count = getattr(_reached, "count", 0) + 1
+
+
+def _reached_count() -> int:
+    return getattr(_reached, "count", 0)
+
+
+class BypassError(RuntimeError):
+    """A call of a cached model ran under torch.compile but never reached its session."""
+
+
+def own_code_copy(func: types.FunctionType, tag: str) -> types.FunctionType:
+    """A function equal to ``func`` but with a code object of its own (Note [own entry code]).
+
+    ``co_qualname`` is tagged so that Dynamo logs and tracebacks show which copy ran; the
+    filename, line numbers and bytecode are unchanged (Dynamo's skip rules read the filename).
+    """
+    code = func.__code__.replace(co_qualname=f"{func.__code__.co_qualname}[{tag}]")
+    copy = types.FunctionType(code, func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__dict__.update(func.__dict__)
+    copy.__qualname__ = code.co_qualname
+    copy.__doc__ = func.__doc__
+    copy.__module__ = func.__module__
+    return copy
+
+
+class ModelEntry:
+    """What :func:`install_entry` put on a model: the session it serves and the bypass count."""
+
+    def __init__(self, session: Any, on_bypass: str, func: Callable[..., Any], bound: bool, isolated: bool) -> None:
+        self.session = session
+        self.on_bypass = on_bypass
+        # The model's forward function with its own code object (or the original if it cannot
+        # be copied); ``bound``: it takes the model as its first argument.
+        self.func = func
+        self.bound = bound
+        self.isolated = isolated
+        self.checked_calls = 0
+        self._warned_generation: int | None = None
+
+    def after_call(self, reached_before: int) -> None:
+        self.checked_calls += 1
+        if _reached_count() > reached_before:
+            return
+        self.session._bypassed_calls += 1
+        message = (
+            "mixcache: a call of the cached model ran under torch.compile but did not reach its "
+            f"CacheSession ({self.session._bypassed_calls} such call(s) so far): it was computed uncached. "
+            "Dynamo ran the model outside the mixcache graph (a skipped frame, a fallback after a graph "
+            "break, or another torch.compile wrapped around this model)."
+        )
+        if self.on_bypass == "raise":
+            raise BypassError(message)
+        generation = self.session.generation
+        if self._warned_generation != generation:
+            self._warned_generation = generation
+            log.error(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The model's ``forward`` (bound to the instance, so ``copy.deepcopy`` rebinds it to the copy)."""
+    entry: ModelEntry = self.__dict__[_ENTRY_ATTR]
+    if entry.bound:
+        args = (self, *args)
+    # Note [bypass detector]: only calls under a Dynamo callback must reach the session.
+    # (No helper frames here: the first frame Dynamo sees must be the model's own copy.)
+    if get_eval_frame_callback() is None:
+        return entry.func(*args, **kwargs)
+    before = _reached_count()
+    out = entry.func(*args, **kwargs)
+    entry.after_call(before)
+    return out
+
+
+# Every model's entry is this one function: Dynamo runs its frame eagerly (skip) and starts
+# tracing at the model's own forward copy it calls.
+dynamo_skip_frame(_mixcache_entry)
+
+
+def entry_of(model: torch.nn.Module) -> ModelEntry | None:
+    return model.__dict__.get(_ENTRY_ATTR)
+
+
+def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn") -> ModelEntry:
+    """Give ``model`` its own forward code object and the bypass detector (Notes [own entry
+    code], [bypass detector]). Idempotent for the same session; a second session is refused."""
+    if on_bypass not in ON_BYPASS:
+        raise ValueError(f"on_bypass must be one of {ON_BYPASS}, got {on_bypass!r}")
+    existing = entry_of(model)
+    if existing is not None:
+        if existing.session is not session:
+            raise RuntimeError("this model is already cached by another CacheSession; create one CacheSession per model")
+        return existing
+    forward = model.forward
+    tag = f"mixcache#{next(_serial)}"
+    if isinstance(forward, types.MethodType) and forward.__self__ is model and isinstance(forward.__func__, types.FunctionType):
+        own: Callable[..., Any] = own_code_copy(forward.__func__, tag)
+        bound = isolated = True
+    elif isinstance(forward, types.FunctionType):  # an instance attribute
+        own, bound, isolated = own_code_copy(forward, tag), False, True
+    else:
+        own, bound, isolated = forward, False, False
+        warnings.warn(
+            f"mixcache: {type(model).__name__}.forward is a {type(forward).__name__}, not a function; it keeps "
+            "the code object it shares with other compiles, which can make Dynamo skip it. Calls that skip the "
+            "session are still detected (stats()['bypassed_calls']).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    entry = ModelEntry(session, on_bypass, own, bound, isolated)
+    model.__dict__[_ENTRY_ATTR] = entry
+    model.forward = types.MethodType(_mixcache_entry, model)
+    return entry
