@@ -295,6 +295,23 @@ class StageRunner:
             self._full_flops[sig] = total
         return self._full_flops[sig]
 
+    @staticmethod
+    def _fake_outputs(stage: StageGraph, args: list[Any]) -> tuple[Any, ...]:
+        """The stage's outputs on fake tensors (shapes only), for stand-ins built once per
+        signature. Note [accounting never breaks a call]: a stage fake tensors cannot run (a
+        data-dependent op) runs once on its real, detached inputs instead."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        try:
+            fakes = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in plain]
+            with mode, torch.no_grad():
+                return stage.gm(*fakes)
+        except Exception:  # noqa: BLE001 - shapes come from a real run then
+            with torch.no_grad():
+                return stage.gm(*plain)
+
     def _all_stages(self) -> list[StageGraph]:
         stages = [self.plan.prologue]
         for c, chain in enumerate(self.plan.chains):

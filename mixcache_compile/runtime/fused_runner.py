@@ -24,6 +24,7 @@ import torch
 
 from ..passes.fuse import PROBE_PREV, FusedPlan, Group
 from ..policies.protocol import Action, ActionKind
+from .distributed import check_same_layout
 
 _BLOCK, _ATTN, _FULL, _STEP = ActionKind.BLOCK, ActionKind.ATTN, ActionKind.FULL, ActionKind.STEP
 _NO_PREVIOUS = (1.0, 0.0)  # indicator [num, den] read as +inf: there is nothing to compare with
@@ -162,7 +163,9 @@ class FusedPath:
                     last = blocks[skip[1] - 1]
                     stream_in = blocks[first].stream_in
                     for (j, dst), res in zip(last.stream_map, residuals(skip)):
-                        env[dst] = env[stream_in[j]] + res
+                        live = env[stream_in[j]]
+                        check_same_layout(live, res, f"residual of blocks {skip[0]}-{skip[1]}")  # Note [shard-local caches]
+                        env[dst] = live + res
                     i = self.resume_after[skip[1] - 1]
                     continue
                 for rng in record_ranges:
@@ -209,8 +212,11 @@ class FusedPath:
         getter, prev_at = run.probe_args
         stage_args = list(getter(env))
         previous = probe.previous
+        stand_in = self._zeros_like_value(runner, run, env, sig)
         if previous is None:
-            previous = self._zeros_like_value(runner, run, env, sig)
+            previous = stand_in
+        else:  # Note [shard-local caches]: the stand-in has the live value's shape
+            check_same_layout(stand_in, previous, "previous probe value")
         stage_args.insert(prev_at, previous)
         hit = self._probe_tables.get(sig)
         if hit is None or hit[0] is not stage:

@@ -58,11 +58,13 @@ def _eager_flops(model: nn.Module, args) -> int:
     return counter.get_total_flops()
 
 
-def _run(session: CacheSession, steps: int, mode=torch.inference_mode):
+def _run(session: CacheSession, steps: int, mode=torch.inference_mode, fuse: bool = True):
+    """``fuse=False`` keeps one stage per block, so the tests can name the stages counted."""
     torch.manual_seed(0)
     model = MaskedDiT().eval()
+    options = {"session": session, "engine": "eager", "fuse_stages": fuse}
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        compiled = torch.compile(model, backend="mixcache", options={"session": session, "engine": "eager"}, fullgraph=True)
+        compiled = torch.compile(model, backend="mixcache", options=options, fullgraph=True)
         outs = []
         for step in range(steps):
             with mode(), session.context("cond", step_index=step):
@@ -73,7 +75,7 @@ def _run(session: CacheSession, steps: int, mode=torch.inference_mode):
 @pytest.mark.parametrize("mode", [torch.inference_mode, torch.no_grad])
 def test_data_dependent_blocks_plan_equal_eager_and_count_on_real_tensors(mode):
     session = CacheSession("none")
-    model, outs = _run(session, steps=2, mode=mode)
+    model, outs = _run(session, steps=2, mode=mode, fuse=False)
     with torch.no_grad():
         for step, out in enumerate(outs):
             torch.testing.assert_close(out, model(*_inputs(step))[0], rtol=0, atol=1e-6)
@@ -117,7 +119,7 @@ def test_an_uncountable_stage_is_named_in_stats_and_the_call_still_runs(monkeypa
 
     monkeypatch.setattr(executor_module, "measure_flops", blocks_unknown)
     session = CacheSession("none")
-    model, outs = _run(session, steps=1)
+    model, outs = _run(session, steps=1, fuse=False)
     with torch.no_grad():
         torch.testing.assert_close(outs[0], model(*_inputs(0))[0], rtol=0, atol=1e-6)
     assert session.stats()["flops_unknown"] == {f"block.0.{i}": "test: no flop formula" for i in range(3)}
