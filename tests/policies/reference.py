@@ -9,6 +9,9 @@ semantics, and reports what the policies observe (deviations, probe indicators):
   step      return the branch's last output
   cfg       separate: rebuild(cond output of this step, stored difference); batched: compute
             the cond half alone and rebuild the uncond half
+  cfg+X     batched: as cfg, the cond half running X (block:a-b / attn:...) on the cond half's
+            own caches ("batch.cond"); with ``cond_half=True`` full batch calls feed those
+            caches with their cond halves, and every cond-half computation records into them
   block:a-b skip blocks [a, b): their outputs are their inputs plus the stored residual
   attn:...  the listed blocks' self-attention returns ``attn_value(block, last, prev)``
   probe     compute the prologue (or the first Fn blocks), measure the indicator, and let
@@ -60,7 +63,8 @@ def _temb(args: tuple, kwargs: dict) -> torch.Tensor:
 
 class Reference:
     def __init__(self, model: torch.nn.Module, adapter: BlockAdapter, watch_ranges=(), watch_attn=(), probe: Probe | None = None,
-                 batch_order: tuple[str, str] = ("uncond", "cond")) -> None:
+                 batch_order: tuple[str, str] = ("uncond", "cond"), cond_half: bool = False) -> None:
+        self.cond_half = cond_half
         self.model, self.ad = model, adapter
         self.watch_ranges = list(watch_ranges)
         self.watch_attn = list(watch_attn)
@@ -88,32 +92,41 @@ class Reference:
             out = rebuild(self.out["cond"], self.delta)
             self.out["uncond"] = out.clone()
             return CallResult(out, "cfg")
-        if action == "cfg":
+        if action == "cfg" or action.startswith("cfg+"):
             part = self.batch_order.index("cond")
             half = {k: (v.chunk(2)[part] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
-            cond = self.model(**half)[0]
+            inner = action.partition("+")[2] or "full"
+            cond = self._computed_call(step, "batch.cond", inner, half, attn_value, None, keep=self.cond_half).output
             uncond = rebuild(cond, self.delta)
             out = torch.cat([uncond, cond] if part == 1 else [cond, uncond])
             self.out[branch] = out.clone()
-            return CallResult(out, "cfg")
-        return self._computed_call(step, branch, action, inputs, attn_value, after_probe)
+            return CallResult(out, action)
+        result = self._computed_call(step, branch, action, inputs, attn_value, after_probe)
+        return result
 
-    def _computed_call(self, step, branch, action, inputs, attn_value, after_probe) -> CallResult:
+    def _keep_cond_half(self, state: "_CallState") -> None:
+        part = self.batch_order.index("cond")
+        for rng, values in state.new_res.items():
+            self.res[("batch.cond", *rng)] = [v.chunk(2)[part] for v in values]
+        for g, value in state.new_attn.items():
+            half = tuple(v.chunk(2)[part] for v in value) if isinstance(value, tuple) else value.chunk(2)[part]
+            hist = self.attn.get(("batch.cond", g), [])
+            self.attn[("batch.cond", g)] = (hist + [half])[-2:]
+
+    def _computed_call(self, step, branch, action, inputs, attn_value, after_probe, keep: bool = True) -> CallResult:
         state = _CallState(action=action)
         try:
             with self._hooks(branch, state, attn_value, after_probe):
                 out = self.model(**inputs)[0]
         except _SkipRest:
             return CallResult(self.out[branch].clone(), "step", state.indicator)
-        devs: dict[str, float] = {}
-        for rng, values in state.new_res.items():
-            key = (branch, *rng)
-            if key in self.res:
-                devs[f"block:{rng[0]}-{rng[1]}"] = rel_l1(values[0], self.res[key][0])
-            self.res[key] = values
-        for g, value in state.new_attn.items():
-            hist = self.attn.get((branch, g), [])
-            self.attn[(branch, g)] = (hist + [value])[-2:]
+        if branch == "batch.cond":  # the computed half of a CFG call: keep its caches only
+            if keep:
+                self._store_internal(branch, state)
+            return CallResult(out, state.action)
+        if branch == "batch" and self.cond_half:
+            self._keep_cond_half(state)
+        devs = self._store_internal(branch, state)
         if branch in self.out:
             devs["step"] = rel_l1(out, self.out[branch])
         self.out[branch] = out.clone()
@@ -131,6 +144,18 @@ class Reference:
             self.delta = new_delta
         done.add(branch)
         return CallResult(out, state.action, state.indicator, devs)
+
+    def _store_internal(self, branch: str, state: "_CallState") -> dict[str, float]:
+        devs: dict[str, float] = {}
+        for rng, values in state.new_res.items():
+            key = (branch, *rng)
+            if key in self.res:
+                devs[f"block:{rng[0]}-{rng[1]}"] = rel_l1(values[0], self.res[key][0])
+            self.res[key] = values
+        for g, value in state.new_attn.items():
+            hist = self.attn.get((branch, g), [])
+            self.attn[(branch, g)] = (hist + [value])[-2:]
+        return devs
 
     # ---- hooks --------------------------------------------------------------------------------
     @contextlib.contextmanager
