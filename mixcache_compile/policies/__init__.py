@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any
 
@@ -46,7 +47,11 @@ def make_policy(policy: str | Policy, **options: Any) -> Policy:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; valid policies: {', '.join(sorted(POLICIES))}")
     cls = _policy_class(policy)
-    valid = [p for p in inspect.signature(cls).parameters if p != "self"]
+    config_class = getattr(cls, "config_class", None)  # a policy taking its options as a config dataclass
+    if config_class is not None:
+        valid = [f.name for f in dataclasses.fields(config_class)]
+    else:
+        valid = [p for p in inspect.signature(cls).parameters if p != "self"]
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise TypeError(f"unknown option(s) {unknown} for policy {policy!r}; valid options: {valid}")

@@ -71,6 +71,47 @@ def load(path: str | os.PathLike[str]) -> dict[str, float]:
     return {str(k): float(v) for k, v in values.items()}
 
 
+BUDGET_FORMAT = 2
+
+
+def load_budget(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The error-budget calibration of ``mixcache`` (``budget_fit.py`` writes it): ``k``
+    (coefficient per ``budget.COEFFICIENTS``), ``savings`` (``block``, ``attn`` in [0, 1]),
+    ``rescale`` (indicator polynomial, highest degree first) and ``threshold``."""
+    from .budget import COEFFICIENTS
+
+    name = os.fspath(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration file {name!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"calibration file {name!r} is not JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != BUDGET_FORMAT:
+        raise ValueError(f"calibration file {name!r} is not a mixcache budget calibration (format {BUDGET_FORMAT}); "
+                         "write one with `mixcache calibrate --target-psnr X --out FILE`")
+
+    def number(value: Any, what: str, low: float = 0.0, high: float = math.inf) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"calibration file {name!r}: {what} must be a number in [{low}, {high}], got {value!r}")
+        return float(value)
+
+    k, savings, rescale = data.get("k"), data.get("savings"), data.get("rescale")
+    if not isinstance(k, dict) or set(k) != set(COEFFICIENTS):
+        raise ValueError(f"calibration file {name!r}: 'k' must map exactly {COEFFICIENTS} to numbers, got {k!r}")
+    if not isinstance(savings, dict) or set(savings) != {"block", "attn"}:
+        raise ValueError(f"calibration file {name!r}: 'savings' must map 'block' and 'attn' to fractions, got {savings!r}")
+    if not isinstance(rescale, list) or not rescale:
+        raise ValueError(f"calibration file {name!r}: 'rescale' must be a non-empty list of numbers, got {rescale!r}")
+    return {
+        **data,
+        "k": {q: number(v, f"k[{q!r}]") for q, v in k.items()},
+        "savings": {q: number(v, f"savings[{q!r}]", 0.0, 1.0) for q, v in savings.items()},
+        "rescale": [number(c, "rescale[]", -math.inf) for c in rescale],
+        "threshold": number(data.get("threshold"), "threshold"),
+    }
+
+
 # ---- the perturbation hooks --------------------------------------------------------------------
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's main list of transformer blocks (the first chain)."""

@@ -57,6 +57,18 @@ class _Call:
     deviations: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class _OnDemand(dict):
+    """A mapping filled on first access (the attention a probe's decision asks for)."""
+
+    def __init__(self, fetch: Any) -> None:
+        super().__init__()
+        self._fetch = fetch
+
+    def __missing__(self, key: Any) -> Any:
+        value = self[key] = self._fetch(key)
+        return value
+
+
 class CacheSession:
     """State of caching across the calls of a denoising loop.
 
@@ -309,8 +321,8 @@ class CacheSession:
                 return f"blocks {a}-{e} start before the probe point {after_probe}"
             return None if store.has(("res", branch, a, e, 0)) else f"no cached residual for blocks {a}-{e}"
         if part.kind is ActionKind.ATTN:
-            if after_probe is not None:
-                return "attention reuse cannot follow a probe"
+            if after_probe:  # a prologue probe (0) runs before any block; a blocks probe ran some
+                return "attention reuse cannot follow a blocks probe"
             if not info.attention_reusable:
                 return "the model's blocks have no self-attention cut"
             if any(g >= info.num_blocks for g in part.attn_blocks):
@@ -348,7 +360,11 @@ class CacheSession:
                 outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
             self._record_outputs(b, outs, computed=False, call=call)
             return outs, flops
-        attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks} if action.kind is ActionKind.ATTN else {}
+        attn: dict[int, list[torch.Tensor]]
+        if action.kind is ActionKind.ATTN:
+            attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks}
+        else:  # a prologue probe may pick ATTN: fetch what it picks when the blocks ask
+            attn = _OnDemand(lambda g: self._attention_for(b, g, call.obs))
         probe = self._probe_run(runner, call) if action.kind is ActionKind.PROBE else None
         outs, flops, new_res, new_attn = runner.run_graph(
             args, sig, FULL if probe else action, self._residuals_of(b), attn, needs.ranges, needs.attn_blocks, probe
