@@ -88,22 +88,26 @@ class TransformerFlops:
             h.remove()
 
 
-def sweep(quick: bool = False) -> list[Point]:
+def sweep(quick: bool = False, full: bool = False) -> list[Point]:
+    """The swept points: each method over its main knob (``full``: a denser sweep)."""
     from .peers import CacheDitDBCachePeer, FirstBlockCachePeer, MagCachePeer, PyramidAttentionBroadcastPeer, TaylorSeerPeer
 
-    points = [_ours("mixcache", f"threshold={t}", threshold=t) for t in (0.01, 0.02, 0.04, 0.07, 0.1, 0.15)]
+    def pick(values: tuple, dense: tuple) -> tuple:
+        return dense if full else values
+
+    points = [_ours("mixcache", f"threshold={t}", threshold=t) for t in pick((0.02, 0.04, 0.08, 0.16), (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16))]
     if quick:
         return points[:2] + [_ours("teacache", "threshold=0.1", threshold=0.1)]
-    points += [_ours("teacache", f"threshold={t}", threshold=t) for t in (0.02, 0.05, 0.1, 0.2)]
-    points += [_ours("fbcache", f"threshold={t}", threshold=t) for t in (0.05, 0.1, 0.2)]
-    points += [_ours("static", f"every={k}", every=k) for k in (2, 3, 4)]
-    points += [_ours("fastercache", "defaults"), _ours("fastercache", "alpha=0", alpha_low=0.0, alpha_high=0.0),
-               _ours("pab", "defaults")]
-    points += [_peer(FirstBlockCachePeer(t)) for t in (0.05, 0.1, 0.2)]
-    points += [_peer(MagCachePeer(threshold=t)) for t in (0.06, 0.12, 0.24)]
-    points += [_peer(TaylorSeerPeer(cache_interval=k)) for k in (2, 3, 5)]
-    points += [_peer(PyramidAttentionBroadcastPeer(k)) for k in (2, 3)]
-    points += [_peer(CacheDitDBCachePeer(t)) for t in (0.04, 0.08, 0.16)]
+    points += [_ours("teacache", f"threshold={t}", threshold=t) for t in pick((0.03, 0.06, 0.12), (0.02, 0.03, 0.05, 0.08, 0.12, 0.2))]
+    points += [_ours("fbcache", f"threshold={t}", threshold=t) for t in pick((0.05, 0.1), (0.05, 0.1, 0.2))]
+    points += [_ours("static", f"every={k}", every=k) for k in pick((2, 3), (2, 3, 4))]
+    points += [_ours("fastercache", "defaults"), _ours("fastercache", "alpha=0", alpha_low=0.0, alpha_high=0.0)]
+    points += [_ours("pab", "defaults")] if full else []
+    points += [_peer(FirstBlockCachePeer(t)) for t in pick((0.05, 0.1), (0.05, 0.1, 0.2))]
+    points += [_peer(MagCachePeer(threshold=t)) for t in pick((0.06, 0.24), (0.06, 0.12, 0.24))]
+    points += [_peer(TaylorSeerPeer(cache_interval=k)) for k in pick((2, 3), (2, 3, 5))]
+    points += [_peer(PyramidAttentionBroadcastPeer(k)) for k in pick((2,), (2, 3))]
+    points += [_peer(CacheDitDBCachePeer(t)) for t in pick((0.04, 0.16), (0.04, 0.08, 0.16))]
     return points
 
 
@@ -225,20 +229,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("out/frontier"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=5.0)
-    p.add_argument("--prompts", type=int, default=3, help=f"held-out evaluation prompts (at most {len(EVAL_PROMPTS)})")
+    p.add_argument("--prompts", type=int, default=2, help=f"held-out evaluation prompts (at most {len(EVAL_PROMPTS)})")
     p.add_argument("--seeds", type=int, default=1, help=f"held-out seeds per prompt (at most {len(EVAL_SEEDS)})")
     p.add_argument("--weights", type=Path, default=None, help="a weights directory (default: the shipped model)")
-    p.add_argument("--methods", default=None, help="comma-separated substrings of method names to keep (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated substrings of method names to keep; '-name' drops that method (default: all)")
     p.add_argument("--quick", action="store_true", help="three points, one sample, 8 steps (a smoke run)")
+    p.add_argument("--full", action="store_true", help="a denser sweep of every method's knob")
     a = p.parse_args(argv)
     if not 1 <= a.prompts <= len(EVAL_PROMPTS) or not 1 <= a.seeds <= len(EVAL_SEEDS):
         p.error(f"--prompts must be 1..{len(EVAL_PROMPTS)} and --seeds 1..{len(EVAL_SEEDS)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    points = sweep(a.quick)
+    points = sweep(a.quick, a.full)
     if a.methods:
         keep = [m.strip() for m in a.methods.split(",") if m.strip()]
-        points = [pt for pt in points if any(k in pt.method for k in keep)]
+        drop = [k[1:] for k in keep if k.startswith("-")]
+        keep = [k for k in keep if not k.startswith("-")]
+        points = [pt for pt in points if (not keep or any(k in pt.method for k in keep)) and not any(d == pt.method for d in drop)]
     steps = 8 if a.quick else a.steps
     samples = [(EVAL_PROMPTS[i], s) for i in range(1 if a.quick else a.prompts) for s in EVAL_SEEDS[:a.seeds]]
     results = run(points, samples, steps, a.guidance, a.weights, log=lambda s: print(s, file=sys.stderr, flush=True))

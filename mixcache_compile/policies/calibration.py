@@ -375,13 +375,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcache calibrate", description="Measure MixCache sensitivities I(g) and save them as JSON.")
     p.add_argument("--out", "-o", help="where to write the JSON (default: print it)")
     p.add_argument("--model", default="zoo", help="'zoo' (the shipped tiny T2V model) or 'module:factory' returning (pipe, call_kwargs)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps of the calibration run")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the calibration run (default 30; 50 with --target-psnr)")
     p.add_argument("--noise", type=float, default=0.1, help="relative size of the injected noise")
     p.add_argument("--at", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="perturbation points (fractions of the steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--prompt", default="red circle moving left", help="prompt for the zoo model")
     p.add_argument("--Fn", type=int, default=1)
     p.add_argument("--Bn", type=int, default=1)
+    p.add_argument("--target-psnr", type=float, default=None,
+                   help="fit mixcache's error-budget coefficients and the threshold reaching this mean PSNR on the "
+                        "calibration prompts/seeds (policies/budget_fit.py; --steps defaults to 50 then)")
     p.add_argument("--mode", choices=MODES, default="gaussian", help="perturbation: Gaussian noise or the previous step's value")
     return p
 
@@ -405,7 +408,20 @@ def _load_target(spec: str, steps: int, prompt: str) -> tuple[Any, dict[str, Any
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    pipe, kwargs = _load_target(args.model, args.steps, args.prompt)
+    steps = args.steps if args.steps is not None else (50 if args.target_psnr is not None else 30)
+    pipe, kwargs = _load_target(args.model, steps, args.prompt)
+    if args.target_psnr is not None:
+        from .budget_fit import fit
+
+        kwargs.pop("prompt", None)
+        result = fit(pipe, kwargs, args.target_psnr, fn=args.Fn, bn=args.Bn, log=lambda s: print(s, file=sys.stderr, flush=True))
+        if args.out:
+            save(result, args.out)
+            print(f"wrote {args.out}: threshold {result['threshold']:.4g}, k {json.dumps(result['k'])}")
+        else:
+            json.dump(result, sys.stdout, indent=2, sort_keys=True)
+            print()
+        return 0
     result = calibrate(pipe, kwargs, noise=args.noise, at=args.at, seeds=args.seeds, Fn=args.Fn, Bn=args.Bn, mode=args.mode)
     if args.out:
         save(result, args.out)

@@ -233,7 +233,7 @@ class MixCachePolicy:
             self._stale = {q: 0.0 for q in budget.QUANTITIES}
         self._plan_step, self._plan = obs.step, choice.reuse
         self._previous = choice.reuse
-        self.log.append((obs.step, x, "+".join(sorted(choice.reuse)) or "full", choice.error))
+        self.log.append((obs.step, x, "+".join(q for q in budget.QUANTITIES if q in choice.reuse) or "full", choice.error))
 
     def _extrapolates(self, step: int) -> bool:
         return bool(self._branches) and all(self.extrapolation_weight(b, step) > 0 for b in self._branches)

@@ -6,7 +6,8 @@ semantics, and reports what the policies observe (deviations, probe indicators):
   full      compute; record the output, the residual of each watched range, the attention
             output of each watched block (last two computed), the CFG difference (uncond -
             cond when both computed at a step, or the halves of a batch call)
-  step      return the branch's last output
+  step      return the branch's last output, or ``step_value(last, previous)`` of its last
+            two computed outputs (extrapolating policies)
   cfg       separate: rebuild(cond output of this step, stored difference); batched: compute
             the cond half alone and rebuild the uncond half
   cfg+X     batched: as cfg, the cond half running X (block:a-b / attn:...) on the cond half's
@@ -71,6 +72,8 @@ class Reference:
         self.probe = probe
         self.batch_order = batch_order
         self.out: dict[str, torch.Tensor] = {}
+        self.fresh: dict[str, list[torch.Tensor]] = {}  # last two computed outputs per branch
+        self._step_value = None
         self.delta: torch.Tensor | None = None
         self.res: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         self.attn: dict[tuple[str, int], list[Any]] = {}  # [prev, last] computed
@@ -82,12 +85,14 @@ class Reference:
     def call(self, step: int, branch: str, action: str, inputs: dict[str, Any], *,
              rebuild: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              attn_value: Callable[[int, Any, Any | None], Any] | None = None,
-             after_probe: Callable[[float], str] | None = None) -> CallResult:
+             after_probe: Callable[[float], str] | None = None,
+             step_value: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> CallResult:
         if self.computed[0] != step:
             self.computed = (step, set())
         rebuild = rebuild or (lambda c, d: c + d)
+        self._step_value = step_value
         if action == "step":
-            return CallResult(self.out[branch].clone(), "step")
+            return CallResult(self._reused(branch), "step")
         if action == "cfg" and branch == "uncond":
             out = rebuild(self.out["cond"], self.delta)
             self.out["uncond"] = out.clone()
@@ -104,6 +109,14 @@ class Reference:
         result = self._computed_call(step, branch, action, inputs, attn_value, after_probe)
         return result
 
+    def _reused(self, branch: str) -> torch.Tensor:
+        """A skipped call's output: the last output, or ``step_value(last, previous)`` over the
+        branch's last two *computed* outputs (never a rebuilt or reused one)."""
+        if self._step_value is None:
+            return self.out[branch].clone()
+        hist = self.fresh[branch]
+        return self._step_value(hist[-1], hist[-2] if len(hist) > 1 else None)
+
     def _keep_cond_half(self, state: "_CallState") -> None:
         part = self.batch_order.index("cond")
         for rng, values in state.new_res.items():
@@ -119,7 +132,7 @@ class Reference:
             with self._hooks(branch, state, attn_value, after_probe):
                 out = self.model(**inputs)[0]
         except _SkipRest:
-            return CallResult(self.out[branch].clone(), "step", state.indicator)
+            return CallResult(self._reused(branch), "step", state.indicator)
         if branch == "batch.cond":  # the computed half of a CFG call: keep its caches only
             if keep:
                 self._store_internal(branch, state)
@@ -127,6 +140,7 @@ class Reference:
         if branch == "batch" and self.cond_half:
             self._keep_cond_half(state)
         devs = self._store_internal(branch, state)
+        self.fresh[branch] = (self.fresh.get(branch, []) + [out.clone()])[-2:]
         if branch in self.out:
             devs["step"] = rel_l1(out, self.out[branch])
         self.out[branch] = out.clone()
