@@ -15,8 +15,12 @@ model and find the threshold that reaches a target quality on calibration prompt
 3. **Savings**: the FLOP share of the middle blocks and of the self-attention modules in one
    call (``FlopCounterMode``, per module).
 4. **Threshold**: bisection on a log scale for the largest threshold whose mean PSNR on the
-   calibration samples (vs their uncached outputs) is at least the target (``search_steps``
-   generations per sample).
+   calibration samples (vs their uncached outputs) is at least the target, step reuse alone.
+5. **Price check** (Note [price check] in ``fit``): each partial reuse (cfg, block, attn) is
+   added at that threshold; it keeps its coefficient only if its point lies above the
+   step-only quality/compute curve, else it is priced out; with any kept, the threshold is
+   searched again with them. (The rates and one-step sensitivities alone under-price the
+   partial reuses on the shipped model: CFG reuse looked cheap by them and lost end to end.)
 
 The result is a JSON ``MixCachePolicy(calibration=path)`` loads (``calibration.load_budget``).
 Calibration prompts/seeds are disjoint from the frontier's evaluation ones (held out).
@@ -125,36 +129,34 @@ def savings(pipe: Any, call_kwargs: dict[str, Any], fn: int, bn: int) -> dict[st
     from .calibration import find_blocks
 
     model = pipe.transformer
-    n = len(find_blocks(model))
-    counts: dict[str, int] = {}
-    total = [0]
+    block_list = find_blocks(model)
+    n = len(block_list)
+    list_name = next(name for name, child in model.named_children() if child is block_list)
+    captured: list[tuple[tuple, dict]] = []
 
-    def pre(module: Any, args: Any) -> None:
-        pre.mode = FlopCounterMode(display=False)  # type: ignore[attr-defined]
-        pre.mode.__enter__()  # type: ignore[attr-defined]
+    def keep(module: Any, args: tuple, kwargs: dict) -> None:
+        if not captured:
+            captured.append((args, kwargs))
 
-    def post(module: Any, args: Any, out: Any) -> None:
-        pre.mode.__exit__(None, None, None)  # type: ignore[attr-defined]
-        if not total[0]:
-            total[0] = pre.mode.get_total_flops()  # type: ignore[attr-defined]
-            for name, per_op in pre.mode.get_flop_counts().items():  # type: ignore[attr-defined]
-                counts[name] = sum(per_op.values())
-
-    handles = [model.register_forward_pre_hook(pre), model.register_forward_hook(post)]
+    handle = model.register_forward_pre_hook(keep, with_kwargs=True)
     try:
         with torch.no_grad():
             pipe(prompt=CALIBRATION_PROMPTS[0], generator=torch.Generator().manual_seed(0), **{**call_kwargs, "num_inference_steps": 1})
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+    # One call under the counter from the outside, so its module tracker names every block.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*captured[0][0], **captured[0][1])
+    counts = {name: sum(per_op.values()) for name, per_op in counter.get_flop_counts().items()}
+    total = [counter.get_total_flops()]
     prefix = type(model).__name__
-    blocks = sum(counts.get(f"{prefix}.blocks.{g}", 0) for g in range(fn, n - bn))
-    attn = sum(counts.get(f"{prefix}.blocks.{g}.attn1", 0) for g in range(n))
+    blocks = sum(counts.get(f"{prefix}.{list_name}.{g}", 0) for g in range(fn, n - bn))
+    attn = sum(counts.get(f"{prefix}.{list_name}.{g}.attn1", 0) for g in range(n))
     return {"block": blocks / total[0], "attn": attn / total[0]}
 
 
 def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequence[tuple[str, int]], refs: list[torch.Tensor],
-               call_kwargs: dict[str, Any]) -> tuple[float, float]:
+               call_kwargs: dict[str, Any], candidates: tuple[str, ...]) -> tuple[float, float]:
     import mixcache_compile
 
     from ..eval.metrics import psnr
@@ -162,7 +164,8 @@ def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequ
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mixcache-calib-{os.getpid()}.json"
     path.write_text(json.dumps(calib))
     work = copy.deepcopy(pipe)
-    session = mixcache_compile.enable(work, policy="mixcache", engine="eager", calibration=str(path), threshold=threshold)
+    session = mixcache_compile.enable(work, policy="mixcache", engine="eager", calibration=str(path), threshold=threshold,
+                                      candidates=candidates)
     values = []
     for (prompt, seed), ref in zip(samples, refs):
         session.reset()
@@ -174,7 +177,7 @@ def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequ
 
 
 def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: Sequence[tuple[str, int]] | None = None,
-        fn: int = 1, bn: int = 1, search_steps: int = 6, log: Any = print) -> dict[str, Any]:
+        fn: int = 1, bn: int = 1, search_steps: int = 3, log: Any = print) -> dict[str, Any]:
     """The whole calibration (module docstring); returns the dict ``load_budget`` reads."""
     from .calibration import BUDGET_FORMAT
 
@@ -196,17 +199,60 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
         "target_psnr": target_psnr, "samples": [list(s) for s in samples], "steps": call_kwargs.get("num_inference_steps"),
     }
     log(f"rates {r}\ncoefficients {calib['k']}\nsavings {calib['savings']}")
-    lo, hi = 0.0, 0.02
-    hi_ok = True
-    while hi_ok and hi < 5.0:  # grow until the target is missed
-        quality, fraction = _mean_psnr(pipe, hi, calib, samples, refs, call_kwargs)
-        log(f"threshold {hi:.4g}: {quality:.2f} dB at {fraction:.3f}")
-        hi_ok = quality >= target_psnr
-        lo, hi = (hi, hi * 2) if hi_ok else (lo, hi)
-    for _ in range(search_steps):
-        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
-        quality, fraction = _mean_psnr(pipe, mid, calib, samples, refs, call_kwargs)
-        log(f"threshold {mid:.4g}: {quality:.2f} dB at {fraction:.3f}")
-        lo, hi = (mid, hi) if quality >= target_psnr else (lo, mid)
+
+    def measure(threshold: float, candidates: tuple[str, ...]) -> tuple[float, float]:
+        quality, fraction = _mean_psnr(pipe, threshold, calib, samples, refs, call_kwargs, candidates)
+        log(f"threshold {threshold:.4g} candidates {'+'.join(candidates)}: {quality:.2f} dB at {fraction:.3f}")
+        return quality, fraction
+
+    step_only = ("step",)
+    lo, hi, points = search(lambda t: measure(t, step_only), target_psnr, search_steps, start=0.04)
+    # Price check (Note [price check]): a partial reuse keeps its rate-based coefficient only
+    # if, added at the found threshold, its point lies above the step-only curve through the
+    # bracketing points (more quality for the compute, or less compute for the quality);
+    # otherwise it is priced out (k = PRICED_OUT), which the budget then never affords.
+    (q_lo, f_lo), (q_hi, f_hi) = points[lo], points.get(hi, points[lo])
+    slope = (q_lo - q_hi) / (f_lo - f_hi) if abs(f_lo - f_hi) > 1e-9 else 0.0
+    kept = []
+    for q in ("cfg", "block", "attn"):
+        if calib["savings"].get(q, 0.5) <= 0.0:
+            continue
+        quality, fraction = measure(lo, ("step", q))
+        on_curve = q_lo + slope * (fraction - f_lo)
+        if quality > on_curve:
+            kept.append(q)
+        else:
+            calib["k"][q] = PRICED_OUT
+    calib["price_check"] = {"kept": kept, "slope_db_per_fraction": slope}
+    if kept:
+        lo, hi, _ = search(lambda t: measure(t, ("step", *kept)), target_psnr, max(search_steps - 2, 1), start=lo)
     calib["threshold"] = lo
     return calib
+
+
+PRICED_OUT = 1e3
+
+
+def search(measure: Any, target: float, steps: int, start: float = 0.02) -> tuple[float, float, dict[float, tuple[float, float]]]:
+    """Largest threshold with mean PSNR >= target: grow x2 until missed, then bisect (log scale)."""
+    points: dict[float, tuple[float, float]] = {}
+    lo, hi = 0.0, start
+    while hi < 5.0:
+        points[hi] = measure(hi)
+        if points[hi][0] < target:
+            break
+        lo, hi = hi, hi * 2
+    if lo == 0.0:  # even the start misses: halve down
+        while hi > 1e-4:
+            hi /= 2
+            points[hi] = measure(hi)
+            if points[hi][0] >= target:
+                lo, hi = hi, hi * 2
+                break
+    for _ in range(steps):
+        mid = math.sqrt(lo * hi) if lo > 0 else hi / 2
+        points[mid] = measure(mid)
+        lo, hi = (mid, hi) if points[mid][0] >= target else (lo, mid)
+    if lo not in points:
+        points[lo] = measure(lo)
+    return lo, hi, points

@@ -119,10 +119,10 @@ class BudgetRule:
         return lambda last, prev: last.clone() if prev is None or w == 0 else last + (last - prev) * w
 
 
-def _drive(calib: dict, threshold: float, **session_options):
+def _drive(calib: dict, rule_threshold: float, **session_options):
     model, make = wan()
     session = CacheSession("mixcache", **session_options)
-    rule = BudgetRule(calib, threshold, STEPS)
+    rule = BudgetRule(calib, rule_threshold, STEPS)
     ref = Reference(model, wan_adapter(model), watch_ranges=[(1, N - 1)], watch_attn=range(N), probe=Probe("prologue"))
     log = drive_separate(model, make, session, ref, rule, STEPS)
     assert not session.stats()["fallbacks"]
