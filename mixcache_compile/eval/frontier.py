@@ -98,7 +98,7 @@ def sweep(quick: bool = False, full: bool = False) -> list[Point]:
     points = [_ours("mixcache", f"threshold={t}", threshold=t) for t in pick((0.02, 0.04, 0.08, 0.16), (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16))]
     if quick:
         return points[:2] + [_ours("teacache", "threshold=0.1", threshold=0.1)]
-    points += [_ours("teacache", f"threshold={t}", threshold=t) for t in pick((0.03, 0.06, 0.12), (0.02, 0.03, 0.05, 0.08, 0.12, 0.2))]
+    points += [_ours("teacache", f"threshold={t}", threshold=t) for t in pick((0.03, 0.05, 0.07, 0.1), (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2))]
     points += [_ours("fbcache", f"threshold={t}", threshold=t) for t in pick((0.05, 0.1), (0.05, 0.1, 0.2))]
     points += [_ours("static", f"every={k}", every=k) for k in pick((2, 3), (2, 3, 4))]
     points += [_ours("fastercache", "defaults"), _ours("fastercache", "alpha=0", alpha_low=0.0, alpha_high=0.0)]

@@ -40,7 +40,7 @@ import torch
 
 from .budget import COEFFICIENTS
 
-CALIBRATION_PROMPTS = ("red circle moving left", "yellow circle moving down")
+CALIBRATION_PROMPTS = ("red circle moving left", "yellow circle moving down")  # --samples 1: the first only
 CALIBRATION_SEEDS = (7,)
 # Raw reuse-mode sensitivities measured on the shipped model (final rel-L1 per unit rel-L1 of
 # the reused tensor; the former mixcache defaults). Attention is taken as the block residual's.

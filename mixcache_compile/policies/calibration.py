@@ -385,6 +385,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-psnr", type=float, default=None,
                    help="fit mixcache's error-budget coefficients and the threshold reaching this mean PSNR on the "
                         "calibration prompts/seeds (policies/budget_fit.py; --steps defaults to 50 then)")
+    p.add_argument("--samples", type=int, default=2, help="--target-psnr: calibration prompt/seed pairs used (budget_fit.py)")
+    p.add_argument("--search-steps", type=int, default=3, help="--target-psnr: bisection steps of the threshold search")
     p.add_argument("--mode", choices=MODES, default="gaussian", help="perturbation: Gaussian noise or the previous step's value")
     return p
 
@@ -414,7 +416,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .budget_fit import fit
 
         kwargs.pop("prompt", None)
-        result = fit(pipe, kwargs, args.target_psnr, fn=args.Fn, bn=args.Bn, log=lambda s: print(s, file=sys.stderr, flush=True))
+        from .budget_fit import CALIBRATION_PROMPTS, CALIBRATION_SEEDS
+
+        samples = [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS][:args.samples]
+        result = fit(pipe, kwargs, args.target_psnr, samples=samples, fn=args.Fn, bn=args.Bn, search_steps=args.search_steps,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
         if args.out:
             save(result, args.out)
             print(f"wrote {args.out}: threshold {result['threshold']:.4g}, k {json.dumps(result['k'])}")
