@@ -235,12 +235,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--methods", default=None, help="comma-separated substrings of method names to keep; '-name' drops that method (default: all)")
     p.add_argument("--quick", action="store_true", help="three points, one sample, 8 steps (a smoke run)")
     p.add_argument("--full", action="store_true", help="a denser sweep of every method's knob")
+    p.add_argument("--mixcache-thresholds", default=None, help="comma-separated thresholds replacing mixcache's sweep")
     a = p.parse_args(argv)
     if not 1 <= a.prompts <= len(EVAL_PROMPTS) or not 1 <= a.seeds <= len(EVAL_SEEDS):
         p.error(f"--prompts must be 1..{len(EVAL_PROMPTS)} and --seeds 1..{len(EVAL_SEEDS)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     points = sweep(a.quick, a.full)
+    if a.mixcache_thresholds:
+        values = [float(v) for v in a.mixcache_thresholds.split(",") if v.strip()]
+        points = [pt for pt in points if pt.method != "mixcache"] + [_ours("mixcache", f"threshold={t}", threshold=t) for t in values]
     if a.methods:
         keep = [m.strip() for m in a.methods.split(",") if m.strip()]
         drop = [k[1:] for k in keep if k.startswith("-")]
