@@ -25,6 +25,7 @@ from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
 from .distributed import all_ranks, reduce_mean, reduce_sum
 from .executor import ProbeRun
+from .parts import OnDemand, part_missing, part_tensors
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ class _Call:
     reason: str | None = None
     indicator: float | None = None
     deviations: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class _OnDemand(dict):
-    """A mapping filled on first access (the attention a probe's decision asks for)."""
-
-    def __init__(self, fetch: Any) -> None:
-        super().__init__()
-        self._fetch = fetch
-
-    def __missing__(self, key: Any) -> Any:
-        value = self[key] = self._fetch(key)
-        return value
 
 
 class CacheSession:
@@ -260,23 +249,15 @@ class CacheSession:
         elif kind is ActionKind.CFG:
             tensors = self._cached_list(("delta",)) + (self._cached_list(("out", "cond")) if branch == "uncond" else [])
             if branch == "batch":
-                tensors += self._part_tensors(COND_HALF, action.part)
+                tensors += part_tensors(self._store, COND_HALF, action.part)
         elif kind in (ActionKind.BLOCK, ActionKind.ATTN):
-            tensors = self._part_tensors(branch, action)
+            tensors = part_tensors(self._store, branch, action)
         else:
             return None
         if tensors and not all_ranks(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
             self._non_finite_count += 1
             return "non-finite cached tensor"
         return None
-
-    def _part_tensors(self, branch: str, part: Action) -> list[torch.Tensor]:
-        """The cached tensors a BLOCK / ATTN (part of an) action reads for ``branch``."""
-        if part.kind is ActionKind.BLOCK:
-            return self._cached_list(("res", branch, *part.block_range))
-        if part.kind is ActionKind.ATTN:
-            return [t for g in part.attn_blocks for t in self._cached_list(("attn", branch, g))]
-        return []
 
     def _missing(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None) -> str | None:
         """Why the caches ``action`` needs are absent or do not fit, or None."""
@@ -304,32 +285,11 @@ class CacheSession:
                 return None if "cond" in self._computed_this_step else "cond branch not computed at this step"
             if not info.half_batch_available:
                 return "half batch unavailable (batch dim not symbolic)"
-            reason = self._part_missing(info, COND_HALF, action.part, None)
+            reason = part_missing(self._store, info, COND_HALF, action.part, None)
             return None if reason is None else f"cond half: {reason}"
         if kind in (ActionKind.BLOCK, ActionKind.ATTN):
-            return self._part_missing(info, b, action, after_probe)
+            return part_missing(self._store, info, b, action, after_probe)
         return f"unknown action {action}"
-
-    def _part_missing(self, info: Any, branch: str, part: Action, after_probe: int | None) -> str | None:
-        """Why a BLOCK / ATTN (part of an) action cannot run on ``branch``'s caches, or None."""
-        store = self._store
-        if part.kind is ActionKind.BLOCK:
-            a, e = part.block_range
-            if (a, e) not in info.reusable_ranges:
-                return f"blocks {a}-{e} cannot be skipped (not inside one chain {info.chain_bounds}, or their streams do not pair)"
-            if after_probe is not None and a < after_probe:
-                return f"blocks {a}-{e} start before the probe point {after_probe}"
-            return None if store.has(("res", branch, a, e, 0)) else f"no cached residual for blocks {a}-{e}"
-        if part.kind is ActionKind.ATTN:
-            if after_probe:  # a prologue probe (0) runs before any block; a blocks probe ran some
-                return "attention reuse cannot follow a blocks probe"
-            if not info.attention_reusable:
-                return "the model's blocks have no self-attention cut"
-            if any(g >= info.num_blocks for g in part.attn_blocks):
-                return f"attention block index out of range (model has {info.num_blocks} blocks)"
-            missing = [g for g in part.attn_blocks if not store.has(("attn", branch, g, 0))]
-            return f"no cached attention for blocks {missing}" if missing else None
-        return None
 
     # ---- execution -----------------------------------------------------------------------
     def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: _Call) -> tuple[list[Any], int]:
@@ -364,7 +324,7 @@ class CacheSession:
         if action.kind is ActionKind.ATTN:
             attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks}
         else:  # a prologue probe may pick ATTN: fetch what it picks when the blocks ask
-            attn = _OnDemand(lambda g: self._attention_for(b, g, call.obs))
+            attn = OnDemand(lambda g: self._attention_for(b, g, call.obs))
         probe = self._probe_run(runner, call) if action.kind is ActionKind.PROBE else None
         outs, flops, new_res, new_attn = runner.run_graph(
             args, sig, FULL if probe else action, self._residuals_of(b), attn, needs.ranges, needs.attn_blocks, probe
