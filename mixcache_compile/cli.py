@@ -70,6 +70,14 @@ def bench(ctx: typer.Context) -> None:
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
+def frontier(ctx: typer.Context) -> None:
+    """Every method of ours and the peers' swept over its main knob: PSNR / SSIM vs computed fraction (docs/bench.md)."""
+    from .eval.frontier import main
+
+    raise typer.Exit(main(list(ctx.args)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def calibrate(ctx: typer.Context) -> None:
     """Measure MixCache's sensitivities I(g) for a model and store them as JSON (see docs/policies.md)."""
     from .policies.calibration import main

@@ -73,6 +73,47 @@ def load(path: str | os.PathLike[str]) -> dict[str, float]:
     return {str(k): float(v) for k, v in values.items()}
 
 
+BUDGET_FORMAT = 2
+
+
+def load_budget(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The error-budget calibration of ``mixcache`` (``budget_fit.py`` writes it): ``k``
+    (coefficient per ``budget.COEFFICIENTS``), ``savings`` (``block``, ``attn`` in [0, 1]),
+    ``rescale`` (indicator polynomial, highest degree first) and ``threshold``."""
+    from .budget import COEFFICIENTS
+
+    name = os.fspath(path)
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"calibration file {name!r} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"calibration file {name!r} is not JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != BUDGET_FORMAT:
+        raise ValueError(f"calibration file {name!r} is not a mixcache budget calibration (format {BUDGET_FORMAT}); "
+                         "write one with `mixcache calibrate --target-psnr X --out FILE`")
+
+    def number(value: Any, what: str, low: float = 0.0, high: float = math.inf) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ValueError(f"calibration file {name!r}: {what} must be a number in [{low}, {high}], got {value!r}")
+        return float(value)
+
+    k, savings, rescale = data.get("k"), data.get("savings"), data.get("rescale")
+    if not isinstance(k, dict) or set(k) != set(COEFFICIENTS):
+        raise ValueError(f"calibration file {name!r}: 'k' must map exactly {COEFFICIENTS} to numbers, got {k!r}")
+    if not isinstance(savings, dict) or set(savings) != {"block", "attn"}:
+        raise ValueError(f"calibration file {name!r}: 'savings' must map 'block' and 'attn' to fractions, got {savings!r}")
+    if not isinstance(rescale, list) or not rescale:
+        raise ValueError(f"calibration file {name!r}: 'rescale' must be a non-empty list of numbers, got {rescale!r}")
+    return {
+        **data,
+        "k": {q: number(v, f"k[{q!r}]") for q, v in k.items()},
+        "savings": {q: number(v, f"savings[{q!r}]", 0.0, 1.0) for q, v in savings.items()},
+        "rescale": [number(c, "rescale[]", -math.inf) for c in rescale],
+        "threshold": number(data.get("threshold"), "threshold"),
+    }
+
+
 # ---- the perturbation hooks --------------------------------------------------------------------
 def find_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The model's main list of transformer blocks (the first chain)."""
@@ -343,13 +384,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcache calibrate", description="Measure MixCache sensitivities I(g) and save them as JSON.")
     p.add_argument("--out", "-o", help="where to write the JSON (default: print it)")
     p.add_argument("--model", default="zoo", help="'zoo' (the shipped tiny T2V model) or 'module:factory' returning (pipe, call_kwargs)")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps of the calibration run")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the calibration run (default 30; 50 with --target-psnr)")
     p.add_argument("--noise", type=float, default=0.1, help="relative size of the injected noise")
     p.add_argument("--at", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="perturbation points (fractions of the steps)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--prompt", default="red circle moving left", help="prompt for the zoo model")
     p.add_argument("--Fn", type=int, default=1)
     p.add_argument("--Bn", type=int, default=1)
+    p.add_argument("--target-psnr", type=float, default=None,
+                   help="fit mixcache's error-budget coefficients and the threshold reaching this mean PSNR on the "
+                        "calibration prompts/seeds (policies/budget_fit.py; --steps defaults to 50 then)")
+    p.add_argument("--samples", type=int, default=2, help="--target-psnr: calibration prompt/seed pairs used (budget_fit.py)")
+    p.add_argument("--search-steps", type=int, default=3, help="--target-psnr: bisection steps of the threshold search")
     # Default "reuse": the shipped sensitivities were made with it, and Gaussian noise ranks
     # reusing the CFG difference about 8x less harmful than the stale difference really is.
     p.add_argument("--mode", choices=MODES, default="reuse",
@@ -380,7 +426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     set_quiet(args.quiet)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    pipe, kwargs = _load_target(args.model, args.steps, args.prompt)
+    steps = args.steps if args.steps is not None else (50 if args.target_psnr is not None else 30)
+    pipe, kwargs = _load_target(args.model, steps, args.prompt)
+    if args.target_psnr is not None:
+        from .budget_fit import fit
+
+        kwargs.pop("prompt", None)
+        from .budget_fit import CALIBRATION_PROMPTS, CALIBRATION_SEEDS
+
+        samples = [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS][:args.samples]
+        result = fit(pipe, kwargs, args.target_psnr, samples=samples, fn=args.Fn, bn=args.Bn, search_steps=args.search_steps,
+                     log=lambda s: print(s, file=sys.stderr, flush=True))
+        if args.out:
+            save(result, args.out)
+            print(f"wrote {args.out}: threshold {result['threshold']:.4g}, k {json.dumps(result['k'])}")
+        else:
+            json.dump(result, sys.stdout, indent=2, sort_keys=True)
+            print()
+        return 0
     result = calibrate(pipe, kwargs, noise=args.noise, at=args.at, seeds=args.seeds, Fn=args.Fn, Bn=args.Bn, mode=args.mode)
     if args.out:
         save(result, args.out)

@@ -31,19 +31,19 @@ official code's and diffusers' rule: the stored difference is multiplied in plac
 the current one included (defaults ``alpha = 0.1``, i.e. x1.1; windows (0.1, 0.9) low and
 (0.7, 1.0) high: diffusers' timestep windows (99, 901) and (-1, 301) on a linear schedule).
 
-**How the two parts interleave** (the runtime runs one action per call; CFG and ATTN never
-share a call):
+**How the two parts interleave**:
   * separate CFG (one call per branch): at a skipped CFG step the cond call may reuse
     attention (its own alternation) and the uncond call is ``CFG``; at a refresh step both
     calls compute in full (so the stored difference comes from two exact outputs); outside
     the CFG window each branch alternates attention on its own history.
-  * batched CFG (one call carries both halves): ``CFG`` wins over ``ATTN`` on skipped CFG
-    steps (skipping a whole branch saves more than skipping attention); ``ATTN`` runs on the
-    batch's own alternation elsewhere except at refresh steps. Because the half-batch CFG call
-    records no attention, attention reuse in practice happens only outside the CFG window
-    (diffusers, conversely, reuses attention only on skipped-uncond steps, on the cond half).
-  Per-branch state everywhere: each branch has its own attention history (runtime) and
-  alternation (here); the CFG product is kept per rebuilt branch.
+  * batched CFG (one call carries both halves): a skipped CFG step computes the cond half
+    only, and that half reuses attention on its own alternation in the same call (the
+    composite action ``CFG+ATTN``, as the paper and diffusers do: attention is reused on the
+    cond half of skipped-uncond steps); the cond half's attention history is fed by every
+    call that computes it (full batch calls and plain ``CFG`` calls; ``CacheNeeds.cond_half``).
+    Refresh steps compute in full; outside the CFG window the batch alternates ``ATTN``.
+  Per-branch state everywhere: each branch (and the cond half) has its own attention history
+  (runtime) and alternation (here); the CFG product is kept per rebuilt branch.
 
 **Defaults** (METHODS.md; fractions scale with the run's ``T``): attention interval 2 in
 (0.3, 1.0) (starting a little before the CFG window, like diffusers' t=681 vs t=641 windows),
@@ -68,7 +68,7 @@ import torch
 
 from .config import PolicyConfig, expect_config
 from .frequency import rebuild_from_delta
-from .protocol import CFG, FULL, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation
+from .protocol import CFG, COND_HALF, FULL, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation
 from .schedules import StepWindow, WindowSpec, check_float, check_num_steps, check_positive_int, resolve_num_steps, window_value
 
 WeightSpec = float | str | Callable[[int, int], float]
@@ -152,6 +152,7 @@ class FasterCachePolicy:
         if self._attention_on():
             needs.attn_blocks = set(range(model.num_blocks))
             needs.history = 2
+            needs.cond_half = needs.cfg_delta and model.half_batch_available
             self._attn_action = Action(ActionKind.ATTN, attn_blocks=tuple(range(model.num_blocks)))
         return needs
 
@@ -159,6 +160,8 @@ class FasterCachePolicy:
         total = resolve_num_steps(obs.num_steps, self.num_steps)
         phase = self._cfg_phase(obs.step, total)
         if phase and self._can_rebuild(obs):
+            if obs.branch == "batch" and self._reuses_attention(COND_HALF, obs.step, total):
+                return self._attn_action.with_cfg()
             return CFG
         if phase != 0 and self._reuses_attention(obs.branch, obs.step, total):
             return self._attn_action
@@ -172,6 +175,8 @@ class FasterCachePolicy:
             self._computed_at = (report.step, set())
         if kind is ActionKind.FULL:
             self._attn_step[branch] = report.step
+        if branch == "batch" and (kind is ActionKind.FULL or report.action == CFG):
+            self._attn_step[COND_HALF] = report.step  # the cond half computed its attention
         if kind in _COMPUTED:
             self._computed_at[1].add(branch)
             if branch == "batch" or (branch == "uncond" and "cond" in self._computed_at[1]):

@@ -1,375 +1,279 @@
-"""Policy ``mixcache``: step, CFG and block caching mixed in one run (MixCache, arXiv 2508.12691).
+"""Policy ``mixcache``: an error-budget hybrid of step, CFG, block and attention reuse.
 
-The public record gives the ingredients (three granularities, an interference analysis, a
-context-aware trigger, an adaptive hybrid decision, a score ``P(g) = D(g) * I(g)`` with a 5x
-penalty on repeating a granularity, an adaptive interval with thresholds ``delta1 < delta2``).
-Everything below that goes beyond those words is a **reconstruction**; every constant is a
-knob.
+MixCache (arXiv 2508.12691) mixes granularities of reuse in one run, with a context-aware
+trigger, an adaptive choice of granularity, and a penalty on repeating one. This policy keeps
+that frame and replaces the choice rule by a predicted-error budget (``budget.py``, Note
+[error budget]): per step, predict the error each candidate reuse would add to the final
+output and the FLOPs it saves, and take the affordable one that saves the most. One knob,
+``threshold`` (the largest predicted rel-L1 error of the final output one step's reuse may
+add): 0 never reuses, larger reuses more. ``docs/policies.md`` says which parts are the
+paper's and which are ours.
 
-Granularities ``g`` and what they reuse (per branch; cond and uncond never share a cache):
-  ``step``  skip the call, reuse the branch's last output (``STEP``);
-  ``cfg``   compute cond only, rebuild uncond as ``eps_c + delta`` (``CFG``);
-  ``block`` compute the first ``Fn`` and last ``Bn`` blocks, reuse the residual of blocks
-            ``[Fn, N - Bn)`` (``BLOCK``).
+Per step (decided at the step's first call, which probes the prologue):
+  1. **Indicator** ``x``: the prologue probe (rel-L1 change of the timestep modulation against
+     the previous step, TeaCache's), rescaled by the calibrated polynomial ``rescale``.
+  2. **Forced full**: the first ``ceil(warmup * T)`` steps and the last ``final_full``; and,
+     until the **trigger** fires, every step: the trigger (the paper's context-aware start)
+     fires once the rel-L1 change of the cond output between two consecutive computed steps
+     is below ``tau`` (``tau=None``: fires after warm-up).
+  3. **Candidates** (``budget.CANDIDATES``) allowed by the interference rules: ``step`` only
+     while both branches' last outputs are fresh full computations (no chaining: a skipped
+     step reuses or extrapolates fresh outputs only); ``cfg`` only with a difference from a
+     step that computed both branches in full and on separate-branch calls (the batched CFG
+     call probes first, and CFG cannot follow a probe); ``block``/``attn`` only with their
+     caches recorded by full calls.
+  4. **Choice**: ``budget.choose`` with the staleness of each quantity, the calibrated
+     coefficients ``k`` and savings, and ``repeat_penalty`` on repeating the last set.
+  5. **Step reuse extrapolates** (``extrapolate=True``) from the last two fresh outputs at
+     steps ``i1 < i2``: ``eps = eps2 + w (eps2 - eps1)``, ``w = (i - i2) / (i2 - i1) / (1 +
+     damping (i - i2 - 1))``: first order in the step index, damped for long skips (METHODS.md's
+     measured table: the full linear weight is best one step ahead, about half of it further).
+  6. **CFG rebuild**: ``eps_u = IFFT(FFT(c) + w_low low(FFT(d)) + w_high high(FFT(d)))``
+     (FasterCache's frequency split; ``cfg_weights`` default (1, 1), i.e. ``c + d``).
 
-Decision, once per step (at its first call), in this order:
-  1. **Warm-up**: steps ``i < ceil(warmup * T)`` compute in full; so do the last
-     ``final_full`` steps.
-  2. **Trigger** (per branch, latched): a branch may be approximated once, after warm-up, the
-     rel-L1 change of its output between its last two *fresh* outputs is below ``tau``.
-     A granularity is a candidate only if every branch it approximates has triggered
-     (``step``, ``block``: all branches; ``cfg``: the uncond / batch branch).
-  3. **Interval**: after ``interval`` consecutive cached steps the next step computes in full
-     (a *refresh*).
-  4. **Interference rules**: one granularity per step (the cond call of a ``cfg`` step computes
-     in full); after a ``step`` reuse the next step is ``cfg`` or full (the cond branch is
-     always fresh again); nothing reuses an approximated tensor: ``step`` needs every branch's
-     last recorded output to come from a full call (not a block-skipped or rebuilt one),
-     ``cfg`` needs the stored difference to come from a step where both branches computed in
-     full, ``block`` residuals are only recorded by full calls.
-  5. **Score**: ``P(g) = D(g) * I(g)``, times ``repeat_penalty`` (5) if ``g`` is the
-     granularity of the last cached step. ``D(g)`` is the rel-L1 between the last two fresh
-     copies of what ``g`` reuses (output / CFG difference / block residual, max over
-     branches), reported by the runtime after computed calls (``deviations=True``) and kept
-     only when both copies were fresh. ``I(g)`` is the sensitivity (``calibration.py``),
-     normalised to a maximum of 1. The smallest score wins; a granularity without two fresh
-     copies yet is not a candidate; with no candidate the step computes.
-  6. **Adaptive interval**: at a refresh, the fresh values are compared with what the
-     finished run reused: ``e = max over g used in the run of D_refresh(g) * I(g)`` (the
-     deviations reported at the refresh step). ``e > delta2`` shortens ``interval`` by one
-     (not below ``min_interval``), ``e < delta1`` lengthens it (not above ``max_interval``).
-  7. **Block probe**: when the model allows it, every computed call probes the first ``Fn``
-     blocks (the FBCache indicator, rel-L1 of their residual against the branch's last
-     computed call, ``update="always"``). A ``block`` call whose indicator exceeds
-     ``block_guard`` computes in full instead (``None``: no probe, no guard).
-
-Defaults: ``warmup=0.2`` (METHODS.md), ``final_full=2``, ``tau=0.05``, ``Fn=Bn=1``,
-``interval=2`` in ``[1, 4]``, ``delta1=0.02``, ``delta2=0.06``, ``block_guard=0.15``,
-``repeat_penalty=5``. The thresholds were set from the rel-L1 scales measured on the shipped
-tiny text-to-video model at 50 steps (output ~0.02/step, block residual ~0.04/step, CFG
-difference ~0.1/step); they are knobs, not findings. ``DEFAULT_SENSITIVITIES`` were measured
-on that model with ``calibration.calibrate(mode="reuse")`` (see below) and serve uncalibrated
-models; pass ``sensitivities={...}`` or ``calibration="file.json"`` for yours.
-
-``self.log`` keeps one entry per planned step (granularity, scores, interval) for inspection.
+Coefficients come from ``calibration=`` (a file written by ``mixcache calibrate
+--target-psnr``, which also sets the threshold unless one is given), else the shipped
+defaults (calibrated on the shipped model), else for another model ``FALLBACK`` (a
+conservative guess: block / attn / cfg priced above step reuse).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from . import budget
 from .config import PolicyConfig, expect_config
+from .frequency import rebuild_from_delta
 from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
 
-GRANULARITIES = ("step", "cfg", "block")
-
-# Measured on the shipped tiny T2V model (mixcache_compile.zoo) with
-# `mixcache calibrate --mode reuse --seeds 0 1 2` (30 steps, guidance 5, perturbation at 30/50/70 %
-# of the steps); normalised to a maximum of 1. Raw I (final rel-L1 per unit rel-L1 of the reused
-# tensor): step 0.0248, cfg 0.00288, block 0.00991. The Gaussian mode (METHODS.md's wording)
-# gives step 0.0275, cfg 0.00038, block 0.0116 on the same model (likely because later steps wash
-# out white noise but not the smooth error of a stale difference); single-granularity end-to-end
-# runs show CFG reuse doing real damage there (docs/policies.md), hence the reuse-mode defaults.
-DEFAULT_SENSITIVITIES: dict[str, float] = {"step": 1.0, "cfg": 0.116, "block": 0.400}
-
-
-@dataclass
-class _Branch:
-    """What the policy knows about one branch's cached values."""
-
-    out_fresh: bool = False  # the runtime's last recorded output came from a full call
-    residual: bool = False  # a block residual has been recorded (always by a full call)
-    triggered: bool = False
-    d_step: float | None = None
-    d_block: float | None = None
-
-
-@dataclass
-class StepDecision:
-    step: int
-    granularity: str | None
-    scores: dict[str, float] = field(default_factory=dict)
-    interval: int = 0
+# Note [shipped coefficients]: from `mixcache calibrate --target-psnr 32` on the shipped model
+# (mixcache_compile/policies/mixcache_shipped.json, its calibration prompts and seeds).
+SHIPPED_FILE = os.path.join(os.path.dirname(__file__), "mixcache_shipped.json")
+# For models without a calibration: step reuse at TeaCache's scale, the partial reuses priced
+# higher (METHODS.md measured CFG and block reuse losing to sparser step reuse), savings at
+# typical DiT shares.
+FALLBACK: dict[str, Any] = {
+    "k": {"step": 1.0, "step_extrapolated": 0.5, "cfg": 1.0, "block": 1.0, "attn": 1.0},
+    "savings": {"block": 0.5, "attn": 0.25},
+    "rescale": [1.0, 0.0],
+    "threshold": 0.05,
+}
 
 
 @dataclass(frozen=True)
 class MixCacheConfig(PolicyConfig):
-    """Options of ``mixcache`` (see the module docstring for what each does and the defaults' sources)."""
+    """Options of ``mixcache`` (see the module docstring). ``threshold=None`` takes the
+    calibration's (or the fallback's)."""
 
     name: ClassVar[str] = "mixcache"
-    warmup: float = 0.2  # fraction of the steps that always compute, in [0, 1]
-    final_full: int = 2  # the last steps always compute (>= 0)
-    tau: float = 0.05  # trigger: a branch may be approximated once its output changes less than this
-    Fn: int = 1  # noqa: N815 -- blocks computed first on a ``block`` step (>= 1)
-    Bn: int = 1  # noqa: N815 -- blocks computed last on a ``block`` step (>= 0)
-    sensitivities: Mapping[str, float] | None = None  # I(g) per granularity (None: shipped defaults)
-    calibration: str | os.PathLike[str] | None = None  # a calibration JSON to read I(g) from instead
-    repeat_penalty: float = 5.0  # score factor on repeating the last cached granularity (>= 1)
-    interval: int = 2  # initial number of consecutive cached steps before a refresh
-    min_interval: int = 1  # the adaptive interval's lower bound
-    max_interval: int = 4  # the adaptive interval's upper bound
-    delta1: float = 0.02  # refresh error below this lengthens the interval
-    delta2: float = 0.06  # refresh error above this shortens the interval (>= delta1)
-    block_guard: float | None = 0.15  # a block step whose probe exceeds this computes (None: no probe)
-    granularities: Sequence[str] = GRANULARITIES  # which of step, cfg, block may be used
-    num_steps: int | None = None  # step count when the runtime does not know it (None: 50)
+    threshold: float | None = None
+    calibration: str | os.PathLike[str] | None = None
+    warmup: float = 0.04
+    final_full: int = 1
+    tau: float | None = None
+    Fn: int = 1  # noqa: N815
+    Bn: int = 1  # noqa: N815
+    extrapolate: bool = True
+    damping: float = 0.5
+    repeat_penalty: float = 1.0
+    cfg_weights: tuple[float, float] = (1.0, 1.0)
+    lowpass_divisor: int = 5
+    candidates: tuple[str, ...] = ("step", "cfg", "block", "attn")
+    num_steps: int | None = None
 
     def __post_init__(self) -> None:
-        self._set("warmup", check_float(self.warmup, "warmup", 0.0, 1.0))
+        if self.threshold is not None:
+            check_float(self.threshold, "threshold", minimum=0.0)
+        if self.calibration is not None:  # a path, stored as a string so the config is JSON data
+            self._set("calibration", os.fspath(self.calibration))
+        self._set("cfg_weights", tuple(self.cfg_weights))
+        self._set("candidates", tuple(self.candidates) if not isinstance(self.candidates, str) else self.candidates)
+        check_float(self.warmup, "warmup", 0.0, 1.0)
         check_positive_int(self.final_full, "final_full", minimum=0)
-        self._set("tau", check_float(self.tau, "tau", minimum=0.0))
+        if self.tau is not None:
+            check_float(self.tau, "tau", minimum=0.0)
         check_positive_int(self.Fn, "Fn", minimum=1)
         check_positive_int(self.Bn, "Bn", minimum=0)
-        _sensitivities(self.sensitivities, self.calibration)  # validates both (and reads the file)
-        if self.sensitivities is not None:
-            self._set("sensitivities", dict(self.sensitivities))
-        if self.calibration is not None:
-            self._set("calibration", os.fspath(self.calibration))
-        self._set("repeat_penalty", check_float(self.repeat_penalty, "repeat_penalty", minimum=1.0))
-        check_positive_int(self.min_interval, "min_interval")
-        check_positive_int(self.max_interval, "max_interval")
-        check_positive_int(self.interval, "interval")
-        if not self.min_interval <= self.interval <= self.max_interval:
-            raise ValueError(f"need min_interval <= interval <= max_interval, got {self.min_interval}, {self.interval}, {self.max_interval}")
-        self._set("delta1", check_float(self.delta1, "delta1", minimum=0.0))
-        self._set("delta2", check_float(self.delta2, "delta2", minimum=0.0))
-        if self.delta1 > self.delta2:
-            raise ValueError(f"need delta1 <= delta2, got {self.delta1} > {self.delta2}")
-        if self.block_guard is not None:
-            self._set("block_guard", check_float(self.block_guard, "block_guard", minimum=0.0))
-        granularities = self.granularities
-        if isinstance(granularities, str) or not set(granularities) <= set(GRANULARITIES) or not granularities:
-            raise ValueError(f"granularities must be a non-empty subset of {GRANULARITIES}, got {granularities!r}")
-        self._set("granularities", tuple(g for g in GRANULARITIES if g in set(granularities)))
+        if not isinstance(self.extrapolate, bool):
+            raise TypeError(f"extrapolate must be a bool, got {self.extrapolate!r}")
+        check_float(self.damping, "damping", minimum=0.0)
+        check_float(self.repeat_penalty, "repeat_penalty", minimum=1.0)
+        if len(self.cfg_weights) != 2:
+            raise ValueError(f"cfg_weights must be (w_low, w_high), got {self.cfg_weights!r}")
+        check_positive_int(self.lowpass_divisor, "lowpass_divisor")
+        if isinstance(self.candidates, str) or not set(self.candidates) <= set(budget.QUANTITIES) or not self.candidates:
+            raise ValueError(f"candidates must be a non-empty subset of {budget.QUANTITIES}, got {self.candidates!r}")
         check_num_steps(self.num_steps)
+
+
+@dataclass
+class _Branch:
+    computed: list[tuple[int, bool]] = field(default_factory=list)  # last two (step, was FULL) computed calls
 
 
 class MixCachePolicy:
     name = "mixcache"
+    config_class = MixCacheConfig
 
     def __init__(self, config: MixCacheConfig | None = None) -> None:
-        self.config = config = expect_config(config, MixCacheConfig)
-        self.warmup = config.warmup
-        self.final_full = config.final_full
-        self.tau = config.tau
-        self.Fn = config.Fn
-        self.Bn = config.Bn
-        self.sensitivities = _sensitivities(config.sensitivities, config.calibration)
-        self.repeat_penalty = config.repeat_penalty
-        self.min_interval = config.min_interval
-        self.max_interval = config.max_interval
-        self.initial_interval = config.interval
-        self.delta1 = config.delta1
-        self.delta2 = config.delta2
-        self.block_guard = config.block_guard
-        self.granularities = tuple(config.granularities)
-        self.num_steps = config.num_steps
+        self.config = expect_config(config, MixCacheConfig)
+        from .calibration import load_budget
+
+        calib = load_budget(self.config.calibration) if self.config.calibration is not None else _shipped()
+        self.k: dict[str, float] = dict(calib["k"])
+        self.savings: dict[str, float] = dict(calib["savings"])
+        self.rescale_coefficients: list[float] = list(calib["rescale"])
+        self.threshold = float(self.config.threshold if self.config.threshold is not None else calib["threshold"])
         self.block_range: tuple[int, int] | None = None
-        self._half_batch = False
-        self._probing = False
+        self._attn_blocks: tuple[int, ...] = ()
         self.reset()
 
     # ---- protocol -------------------------------------------------------------------------
     def reset(self) -> None:
         self._branches: dict[str, _Branch] = {}
-        self._delta = "none"  # "none" | "fresh" | "stale"
-        self._d_cfg: float | None = None
+        self._stale: dict[str, float] = {q: 0.0 for q in budget.QUANTITIES}
         self._plan_step: int | None = None
-        self._plan: str | None = None
-        self._last_cached: str | None = None
-        self._run = 0
-        self._run_used: set[str] = set()
-        self._pending_refresh: set[str] = set()
-        self._interval = self.initial_interval
-        self._step_devs: dict[str, float] = {}
+        self._plan: frozenset[str] = frozenset()
+        self._delta_full = False  # the stored CFG difference came from two full calls of one step
+        self._last_change: float | None = None  # rel-L1 change of the cond output, last two computed steps
+        self._previous: frozenset[str] = frozenset()
+        self._triggered = self.config.tau is None
         self._now: tuple[int | None, dict[str, ActionKind]] = (None, {})
-        self.log: list[StepDecision] = []
+        self.log: list[tuple[int, float, str, float]] = []  # (step, x, reuse, predicted error)
 
     def needs(self, model: ModelInfo) -> CacheNeeds:
-        self._half_batch = model.half_batch_available
-        rng = (self.Fn, model.num_blocks - self.Bn)
-        usable = "block" in self.granularities and rng[0] < rng[1] and rng in model.reusable_ranges
-        self.block_range = rng if usable else None
-        # The probe needs the first Fn blocks to pair their hidden stream (as a skippable range does).
-        self._probing = usable and self.block_guard is not None and (0, self.Fn) in model.reusable_ranges
+        c = self.config
+        rng = (c.Fn, model.num_blocks - c.Bn)
+        self.block_range = rng if "block" in c.candidates and rng[0] < rng[1] and rng in model.reusable_ranges else None
+        self._attn_blocks = tuple(range(model.num_blocks)) if "attn" in c.candidates and model.attention_reusable else ()
         return CacheNeeds(
             outputs=True,
-            cfg_delta="cfg" in self.granularities,
-            ranges={rng} if usable else set(),
-            probe=Probe("blocks", blocks=self.Fn, update="always") if self._probing else None,
-            deviations=True,
+            cfg_delta="cfg" in c.candidates,
+            ranges={self.block_range} if self.block_range else set(),
+            attn_blocks=set(self._attn_blocks),
+            history=2,
+            probe=Probe("prologue", update="always"),
+            deviations=c.tau is not None,
         )
 
     def decide(self, obs: Observation) -> Action:
         if obs.step != self._plan_step:
-            self._plan_next(obs.step, resolve_num_steps(obs.num_steps, self.num_steps))
-        return self._action(obs)
+            return PROBE  # the step's first call: plan after the indicator
+        return self._action(obs.branch, obs)
 
     def after_probe(self, obs: Observation, indicator: float) -> Action:
-        if self._plan == "block" and self._can_block(obs.branch):
-            if math.isfinite(indicator) and indicator <= self.block_guard:  # type: ignore[operator]
-                return Action(ActionKind.BLOCK, block_range=self.block_range)
-        return FULL
+        if obs.step != self._plan_step:
+            self._plan_next(obs, indicator)
+        return self._action(obs.branch, obs)
 
     def observe(self, report: CallReport) -> None:
         if report.step is None:
             return
-        b, kind, devs = report.branch, report.action.kind, report.deviations
-        state = self._branches.setdefault(b, _Branch())
         if self._now[0] != report.step:
             self._now = (report.step, {})
-        if kind is ActionKind.FULL:
-            if state.out_fresh and "step" in devs:
-                state.d_step = devs["step"]
-                self._note("step", devs["step"])
-            if self.block_range is not None:
-                key = f"block:{self.block_range[0]}-{self.block_range[1]}"
-                if key in devs:
-                    state.d_block = devs[key]
-                    self._note("block", devs[key])
-                state.residual = True
-            state.out_fresh = True
-        elif kind is ActionKind.BLOCK:
-            state.out_fresh = False
-        elif kind is ActionKind.CFG:
-            state.out_fresh = False  # the runtime keeps the rebuilt output as this branch's output
-        if kind in (ActionKind.FULL, ActionKind.BLOCK):
-            self._now[1][b] = kind
-            self._note_delta(b, kind, devs)
+        kind = report.action.kind
+        self._now[1][report.branch] = kind
+        if kind in (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN):
+            state = self._branches.setdefault(report.branch, _Branch())
+            state.computed = [*state.computed, (report.step, kind is ActionKind.FULL)][-2:]
+        if kind is ActionKind.FULL and report.branch in ("cond", "batch") and "step" in report.deviations:
+            self._last_change = report.deviations["step"]
+        done = self._now[1]
+        computing = (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN)
+        if report.branch == "batch" or (report.branch == "uncond" and done.get("cond") in computing):
+            if kind in computing:  # the runtime refreshed the CFG difference from these calls
+                self._delta_full = all(k is ActionKind.FULL for k in done.values())
 
-    # ---- planning -------------------------------------------------------------------------
-    def _plan_next(self, step: int, total: int) -> None:
-        if self._pending_refresh:
-            self._adapt_interval(self._pending_refresh)
-            self._pending_refresh = set()
-        self._step_devs = {}
-        warm = math.ceil(self.warmup * total - 1e-9)
-        if step >= warm:
-            for state in self._branches.values():
-                if not state.triggered and state.d_step is not None and state.d_step < self.tau:
-                    state.triggered = True
-        cacheable = warm <= step < total - self.final_full and self._run < self._interval
-        scores = self._scores() if cacheable else {}
-        choice = min(scores, key=scores.__getitem__) if scores else None  # ties: step, cfg, block order
-        if choice is None:
-            if self._run:
-                self._pending_refresh = set(self._run_used)
-            self._run, self._run_used = 0, set()
-        else:
-            self._run += 1
-            self._run_used.add(choice)
-            self._last_cached = choice
-        self._plan_step, self._plan = step, choice
-        self.log.append(StepDecision(step, choice, scores, self._interval))
+    # ---- hooks the runtime calls ------------------------------------------------------------
+    def reuse_output(self, current: list, previous: list | None, obs: Observation | None) -> list:
+        w = self.extrapolation_weight(obs.branch, obs.step) if obs is not None else 0.0
+        if previous is None or w == 0.0:
+            return [t.clone() for t in current]
+        return [c + (c - p) * w for c, p in zip(current, previous)]
 
-    def _scores(self) -> dict[str, float]:
-        """``D(g) * I(g)`` (x ``repeat_penalty`` for the last cached granularity) of each candidate."""
-        branches = self._branches
-        if not branches:
-            return {}
-        after_step = self._plan == "step"
-        distances: dict[str, float | None] = {}
-        if "step" in self.granularities and not after_step and all(s.triggered and s.out_fresh for s in branches.values()):
-            distances["step"] = _max_known([s.d_step for s in branches.values()])
-        cfg_branch = self._cfg_branch()
-        if cfg_branch is not None and branches[cfg_branch].triggered and self._delta == "fresh":
-            distances["cfg"] = self._d_cfg
-        if self.block_range is not None and not after_step and all(s.triggered and s.residual for s in branches.values()):
-            distances["block"] = _max_known([s.d_block for s in branches.values()])
-        scores = {}
-        for g, d in distances.items():
-            if d is not None:
-                penalty = self.repeat_penalty if g == self._last_cached else 1.0
-                scores[g] = d * self.sensitivities[g] * penalty
-        return scores
+    def rebuild_uncond(self, cond: Any, delta: Any, obs: Observation | None) -> Any:
+        w_low, w_high = self.config.cfg_weights
+        if (w_low, w_high) == (1.0, 1.0):
+            return cond + delta
+        return rebuild_from_delta(cond, delta, w_low, w_high, self.config.lowpass_divisor)
 
-    def _cfg_branch(self) -> str | None:
-        if "cfg" not in self.granularities:
-            return None
-        if "uncond" in self._branches and "cond" in self._branches:
-            return "uncond"
-        if "batch" in self._branches and self._half_batch:
-            return "batch"
-        return None
+    # ---- the rule ---------------------------------------------------------------------------
+    def rescale(self, x: float) -> float:
+        value = 0.0
+        for c in self.rescale_coefficients:
+            value = value * x + c
+        return max(value, 0.0)
 
-    def _adapt_interval(self, used: set[str]) -> None:
-        errors = [self._step_devs[g] * self.sensitivities[g] for g in used if g in self._step_devs]
-        if not errors:
-            return
-        error = max(errors)
-        if error > self.delta2:
-            self._interval = max(self.min_interval, self._interval - 1)
-        elif error < self.delta1:
-            self._interval = min(self.max_interval, self._interval + 1)
-
-    # ---- per call ---------------------------------------------------------------------------
-    def _action(self, obs: Observation) -> Action:
-        b, plan = obs.branch, self._plan
-        state = self._branches.get(b)
-        compute = PROBE if self._probing else FULL
-        if state is None or not state.triggered or plan is None:
-            return compute
-        if plan == "step":
-            return STEP if state.out_fresh else compute
-        if plan == "cfg":
-            if b == "batch" or (b == "uncond" and "cond" in obs.computed_this_step):
-                return CFG
-            return compute
-        if plan == "block" and self._can_block(b):
-            return PROBE if self._probing else Action(ActionKind.BLOCK, block_range=self.block_range)
-        return compute
-
-    def _can_block(self, branch: str) -> bool:
+    def extrapolation_weight(self, branch: str, step: int) -> float:
+        """``w`` of the step reuse at ``step`` (0 without two fresh full outputs)."""
         state = self._branches.get(branch)
-        return self.block_range is not None and state is not None and state.triggered and state.residual
+        if not self.config.extrapolate or state is None or len(state.computed) < 2 or not all(f for _, f in state.computed):
+            return 0.0
+        (i1, _), (i2, _) = state.computed
+        reach = step - i2
+        return reach / (i2 - i1) / (1.0 + self.config.damping * max(reach - 1, 0))
 
-    # ---- bookkeeping --------------------------------------------------------------------------
-    def _note(self, granularity: str, value: float) -> None:
-        self._step_devs[granularity] = max(value, self._step_devs.get(granularity, 0.0))
+    def _warm_steps(self, total: int) -> int:
+        return math.ceil(self.config.warmup * total - 1e-9)
 
-    def _note_delta(self, branch: str, kind: ActionKind, devs: Mapping[str, float]) -> None:
-        """Mirror the runtime's CFG difference: refreshed when uncond computes after cond at one
-        step, or when a batch call computes; fresh only if every part was a full call."""
-        now = self._now[1]
-        if branch == "batch":
-            fresh = kind is ActionKind.FULL
-        elif branch == "uncond" and "cond" in now:
-            fresh = kind is ActionKind.FULL and now["cond"] is ActionKind.FULL
+    def _plan_next(self, obs: Observation, indicator: float) -> None:
+        total = resolve_num_steps(obs.num_steps, self.config.num_steps)
+        x = self.rescale(indicator) if math.isfinite(indicator) else math.inf
+        if not self._triggered and obs.step >= self._warm_steps(total) and self._last_change is not None:
+            self._triggered = self._last_change < self.config.tau  # type: ignore[operator]
+        forced = obs.step < self._warm_steps(total) or obs.step >= total - self.config.final_full or not self._triggered
+        if forced or not math.isfinite(x):
+            choice = budget.Choice(frozenset(), 0.0, 0.0)
         else:
-            return
-        if fresh and self._delta == "fresh" and "cfg" in devs:
-            self._d_cfg = devs["cfg"]
-            self._note("cfg", devs["cfg"])
-        self._delta = "fresh" if fresh else "stale"
+            choice = budget.choose(self._allowed(obs), x, self._stale, self.k, self.savings, self.threshold,
+                                   self._extrapolates(obs.step), self._previous, self.config.repeat_penalty)
+        if math.isfinite(x):
+            self._stale = budget.advance(self._stale, choice.reuse, x)
+        else:
+            self._stale = {q: 0.0 for q in budget.QUANTITIES}
+        self._plan_step, self._plan = obs.step, choice.reuse
+        self._previous = choice.reuse
+        self.log.append((obs.step, x, "+".join(q for q in budget.QUANTITIES if q in choice.reuse) or "full", choice.error))
+
+    def _extrapolates(self, step: int) -> bool:
+        return bool(self._branches) and all(self.extrapolation_weight(b, step) > 0 for b in self._branches)
+
+    def _allowed(self, obs: Observation) -> list[frozenset[str]]:
+        """Candidates the interference rules allow (Note [no chaining])."""
+        c, branches = self.config.candidates, self._branches
+        # Note [no chaining]: step, block and attention reuse read caches that the branches'
+        # last computing calls recorded; those calls must have been full (not themselves
+        # approximated). The CFG difference must come from a step computing both in full.
+        clean = bool(branches) and all(s.computed and s.computed[-1][1] for s in branches.values())
+        ok = {
+            "step": "step" in c and clean,
+            "cfg": "cfg" in c and obs.branch == "cond" and self._delta_full,
+            "block": self.block_range is not None and clean,
+            "attn": bool(self._attn_blocks) and clean,
+        }
+        return [s for s in budget.CANDIDATES if all(ok[q] for q in s)]
+
+    def _action(self, branch: str, obs: Observation) -> Action:
+        plan = self._plan
+        if obs.step != self._plan_step or not plan:
+            return FULL
+        if "step" in plan:
+            return STEP
+        if "cfg" in plan and branch == "uncond":
+            return CFG if "cond" in obs.computed_this_step else FULL
+        if "block" in plan and self.block_range is not None:
+            return Action(ActionKind.BLOCK, block_range=self.block_range)
+        if "attn" in plan and self._attn_blocks:
+            return Action(ActionKind.ATTN, attn_blocks=self._attn_blocks)
+        return FULL
 
 
-def _max_known(values: list[float | None]) -> float | None:
-    return None if any(v is None for v in values) else max(values)  # type: ignore[type-var]
+def _shipped() -> dict[str, Any]:
+    from .calibration import load_budget
 
-
-def _sensitivities(given: Mapping[str, float] | None, path: str | os.PathLike[str] | None) -> dict[str, float]:
-    """``I(g)`` from the option, a calibration file, or the shipped defaults; normalised to max 1."""
-    if given is not None and path is not None:
-        raise ValueError("give either sensitivities= or calibration=, not both")
-    if path is not None:
-        from .calibration import load
-
-        given = load(path)
-    raw: dict[str, Any] = dict(DEFAULT_SENSITIVITIES)
-    if given is not None:
-        if not isinstance(given, Mapping):
-            raise TypeError(f"sensitivities must be a mapping like {{'step': 1.0, 'cfg': 0.5, 'block': 0.8}}, got {given!r}")
-        unknown = set(given) - set(GRANULARITIES)
-        if unknown:
-            raise ValueError(f"sensitivities has unknown granularities {sorted(unknown)}; valid: {GRANULARITIES}")
-        raw.update(given)
-    values = {g: check_float(raw[g], f"sensitivities[{g!r}]", minimum=0.0) for g in GRANULARITIES}
-    top = max(values.values())
-    if top <= 0:
-        raise ValueError("sensitivities must have at least one positive value")
-    return {g: v / top for g, v in values.items()}
+    return load_budget(SHIPPED_FILE) if os.path.exists(SHIPPED_FILE) else dict(FALLBACK)

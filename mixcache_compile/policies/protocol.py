@@ -23,13 +23,74 @@ class ActionKind(str, enum.Enum):
     PROBE = "PROBE"  # run the policy's probe (``CacheNeeds.probe``), then ask ``after_probe``
 
 
+# Note [action table]: what each action runs, reads from the cache and records. The runtime
+# (``runtime/session.py``: ``_missing``, ``_non_finite``, ``_execute``) follows this table and
+# nothing else; the eager reference of the tests restates it independently.
+#
+#   kind       runs                          reads                               records
+#   FULL       every stage                   -                                   output; CFG difference (both branches
+#                                                                                fresh at one step, or a batch call);
+#                                                                                needed residuals / attention
+#   STEP       nothing                       the branch's last output (+ the     -
+#                                            previous fresh one, history=2)
+#   BLOCK      all but blocks [a, b)         residual of [a, b) of this branch   output; residuals / attention of the
+#                                                                                blocks it computed
+#   ATTN       every stage, listed blocks    attention of the listed blocks      output; attention of other blocks
+#              take cached attention         (last two with history=2)
+#   CFG        separate uncond call: nothing this step's cond output; CFG diff   the rebuilt output (as uncond's)
+#              batched call: the cond half,  CFG difference; the cond half's     the output; the cond half's
+#              as its *part* says            residual / attention for the part   residuals / attention it computed
+#   PROBE      prologue or first Fn blocks,  the probe's previous value          the probe value; then as the action
+#              then what after_probe picks                                       after_probe picked
+#
+# Composite actions: a CFG action may carry a *part* for the half it computes, a block range
+# (``cfg+block:a-b``) or attention blocks (``cfg+attn:...``): one batched call then reuses the
+# CFG difference for the uncond half and a residual or attention for the cond half. The cond
+# half has its own history (runtime branch ``COND_HALF``), fed by every call that computes it:
+# full batch calls (their cond half) and CFG calls. On a separate uncond call the part is
+# moot (that call computes nothing) and the action runs as plain CFG.
+COND_HALF = "batch.cond"
+
+
 @dataclass(frozen=True)
 class Action:
     kind: ActionKind
     block_range: tuple[int, int] | None = None
     attn_blocks: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.block_range is not None and self.attn_blocks:
+            raise ValueError("an action reuses a block range or attention blocks, not both")
+        if self.block_range is not None and self.kind not in (ActionKind.BLOCK, ActionKind.CFG):
+            raise ValueError(f"a block range goes with BLOCK or CFG actions, not {self.kind.value}")
+        if self.attn_blocks and self.kind not in (ActionKind.ATTN, ActionKind.CFG):
+            raise ValueError(f"attention blocks go with ATTN or CFG actions, not {self.kind.value}")
+
+    @property
+    def part(self) -> Action:
+        """What the computed part of the call runs: the action itself, or for a CFG action the
+        cond half's FULL / BLOCK / ATTN (Note [action table])."""
+        if self.kind is not ActionKind.CFG:
+            return self
+        if self.block_range is not None:
+            return Action(ActionKind.BLOCK, block_range=self.block_range)
+        if self.attn_blocks:
+            return Action(ActionKind.ATTN, attn_blocks=self.attn_blocks)
+        return FULL
+
+    @property
+    def composite(self) -> bool:
+        return self.kind is ActionKind.CFG and self.part.kind is not ActionKind.FULL
+
+    def with_cfg(self) -> Action:
+        """This action (FULL, BLOCK or ATTN) as the part of a CFG action."""
+        if self.kind not in (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN, ActionKind.CFG):
+            raise ValueError(f"only FULL, BLOCK or ATTN can be the computed part of a CFG action, not {self.kind.value}")
+        return Action(ActionKind.CFG, block_range=self.block_range, attn_blocks=self.attn_blocks)
+
     def __str__(self) -> str:
+        if self.kind is ActionKind.CFG:
+            return "CFG" if not self.composite else f"CFG+{self.part}"
         if self.kind is ActionKind.BLOCK and self.block_range:
             return f"BLOCK({self.block_range[0]}-{self.block_range[1]})"
         if self.kind is ActionKind.ATTN:
@@ -38,17 +99,26 @@ class Action:
 
     @staticmethod
     def parse(text: str | Action) -> Action:
-        """``"full"``, ``"step"``, ``"cfg"``, ``"block:2-6"`` (blocks 2..5), ``"attn:0,1,2"``."""
+        """``"full"``, ``"step"``, ``"cfg"``, ``"block:2-6"`` (blocks 2..5), ``"attn:0,1,2"``,
+        and composites ``"cfg+block:2-6"``, ``"cfg+attn:0,1"``."""
         if isinstance(text, Action):
             return text
         if not isinstance(text, str):
             raise TypeError(f"an action is an Action or a string like 'block:2-6', not {type(text).__name__}")
+        head, plus, rest = text.strip().partition("+")
+        if plus:
+            if head.strip().lower() != "cfg":
+                raise ValueError(f"a composite action is 'cfg+block:A-B' or 'cfg+attn:I,J', got {text!r}")
+            part = Action.parse(rest)
+            if part.kind not in (ActionKind.BLOCK, ActionKind.ATTN):
+                raise ValueError(f"the part of a composite action is a block or attn action, got {text!r}")
+            return part.with_cfg()
         head, _, arg = text.strip().partition(":")
         try:
             kind = ActionKind(head.upper())
         except ValueError:
             valid = ", ".join(k.value.lower() for k in ActionKind)
-            raise ValueError(f"unknown action {text!r}; valid kinds: {valid}") from None
+            raise ValueError(f"unknown action {text!r}; valid kinds: {valid} (and cfg+block:A-B, cfg+attn:I,J)") from None
         if kind is ActionKind.BLOCK:
             start, sep, stop = arg.partition("-")
             if not sep or not start.strip().isdigit() or not stop.strip().isdigit() or int(start) >= int(stop):
@@ -110,6 +180,8 @@ class CacheNeeds:
     """What the runtime must record on computed calls so the policy's actions can run.
 
     ``history=2`` keeps the previous computed output / attention output too (extrapolation).
+    ``cond_half=True`` (batched CFG) keeps, for ``ranges`` and ``attn_blocks``, the cond half's
+    values too, from full batch calls and from CFG calls (composite ``CFG`` actions read them).
     ``deviations=True`` reports, after each computed call, the rel-L1 change of each freshly
     recorded tensor against its previous fresh copy ("step": output, "cfg": CFG difference,
     "block:a-b": residual), fetched from the device once per call.
@@ -122,6 +194,7 @@ class CacheNeeds:
     history: int = 1
     probe: Probe | None = None
     deviations: bool = False
+    cond_half: bool = False  # batched CFG: keep the cond half's residuals / attention (composite CFG actions)
 
 
 @dataclass(frozen=True)

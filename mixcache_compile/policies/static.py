@@ -1,7 +1,7 @@
 """Policy ``static``: a user-given schedule of actions per step (and optionally per branch).
 
 ``schedule`` maps a step index, or ``(step, branch)``, to an action (an ``Action`` or a string
-such as ``"step"``, ``"cfg"``, ``"block:2-6"``, ``"attn:0,1"``); ``(step, branch)`` entries win
+such as ``"step"``, ``"cfg"``, ``"block:2-6"``, ``"attn:0,1"``, ``"cfg+block:2-6"``); ``(step, branch)`` entries win
 over plain step entries, and unlisted calls compute in full. ``every`` is the shorthand
 "compute every k-th step, reuse the others" (``reuse`` names the action used in between).
 It drives every action path of the runtime, which is what the exactness tests need.
@@ -76,10 +76,12 @@ class StaticPolicy:
                 needs.outputs = True
             elif action.kind is ActionKind.CFG:
                 needs.cfg_delta = True
-            elif action.kind is ActionKind.BLOCK and action.block_range:
-                needs.ranges.add(action.block_range)
-            elif action.kind is ActionKind.ATTN:
-                needs.attn_blocks.update(action.attn_blocks)
+                needs.cond_half = needs.cond_half or action.composite
+            part = action.part  # a composite CFG action's part needs its caches too
+            if part.kind is ActionKind.BLOCK and part.block_range:
+                needs.ranges.add(part.block_range)
+            elif part.kind is ActionKind.ATTN:
+                needs.attn_blocks.update(part.attn_blocks)
         return needs
 
     def reset(self) -> None:

@@ -20,13 +20,14 @@ from typing import Any
 import torch
 
 from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
-from ..policies.protocol import FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
+from ..policies.protocol import COND_HALF, FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
 from .cache_store import CacheStore
 from .context import CallContext, CallPosition, StepTracker
 from .distributed import agree_all, reduce_mean, reduce_ratio
 from .executor import ProbeRun
 from .host_flags import FiniteFlag
 from .trace_log import DEFAULT_TRACE_LIMIT, TraceLog
+from .parts import OnDemand, part_missing, part_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +278,10 @@ class CacheSession:
             prefixes = [("out", branch), ("fresh_prev", branch)]
         elif kind is ActionKind.CFG:
             prefixes = [("delta",)] + ([("out", "cond")] if branch == "uncond" else [])
-        elif kind is ActionKind.BLOCK:
-            prefixes = [("res", branch, *action.block_range)]
-        elif kind is ActionKind.ATTN:
-            prefixes = [("attn", branch, g) for g in action.attn_blocks]
+            if branch == "batch":
+                prefixes += part_prefixes(COND_HALF, action.part)
+        elif kind in (ActionKind.BLOCK, ActionKind.ATTN):
+            prefixes = part_prefixes(branch, action)
         else:
             return None
         all_finite = True
@@ -322,25 +323,14 @@ class CacheSession:
                 return "CFG reuse applies to the unconditional branch"
             if not store.has(("delta", 0)):
                 return "no cached CFG difference"
-            if b == "uncond":
+            if b == "uncond":  # Note [action table]: a part is moot on a separate uncond call
                 return None if "cond" in self._computed_this_step else "cond branch not computed at this step"
-            return None if info.half_batch_available else "half batch unavailable (batch dim not symbolic)"
-        if kind is ActionKind.BLOCK:
-            a, e = action.block_range
-            if (a, e) not in info.reusable_ranges:
-                return f"blocks {a}-{e} cannot be skipped (not inside one chain {info.chain_bounds}, or their streams do not pair)"
-            if after_probe is not None and a < after_probe:
-                return f"blocks {a}-{e} start before the probe point {after_probe}"
-            return None if store.has(("res", b, a, e, 0)) else f"no cached residual for blocks {a}-{e}"
-        if kind is ActionKind.ATTN:
-            if after_probe is not None:
-                return "attention reuse cannot follow a probe"
-            if not info.attention_reusable:
-                return "the model's blocks have no self-attention cut"
-            if any(g >= info.num_blocks for g in action.attn_blocks):
-                return f"attention block index out of range (model has {info.num_blocks} blocks)"
-            missing = [g for g in action.attn_blocks if not store.has(("attn", b, g, 0))]
-            return f"no cached attention for blocks {missing}" if missing else None
+            if not info.half_batch_available:
+                return "half batch unavailable (batch dim not symbolic)"
+            reason = part_missing(self._store, info, COND_HALF, action.part, None)
+            return None if reason is None else f"cond half: {reason}"
+        if kind in (ActionKind.BLOCK, ActionKind.ATTN):
+            return part_missing(self._store, info, b, action, after_probe)
         return f"unknown action {action}"
 
     # ---- execution -----------------------------------------------------------------------
@@ -352,10 +342,17 @@ class CacheSession:
             outs = [self._rebuild_uncond(c, i, call.obs) for i, c in enumerate(self._cached_list(("out", "cond")))]
             self._record_outputs(b, outs, computed=False, call=call)
             return outs, 0
-        if action.kind is ActionKind.CFG:  # batched: compute the cond half only
+        needs = self._needs or CacheNeeds()
+        if action.kind is ActionKind.CFG:  # batched: compute the cond half only, as its part says
             part = self.batch_order.index("cond")
             half = runner.inputs.half_batch_args(args, part)
-            cond, flops, _, _ = runner.run_graph(half, runner.intern(runner.inputs.user_signature(half)), FULL, self._residuals_of(b), {}, set(), set())
+            inner = action.part
+            attn = {g: self._attention_for(COND_HALF, g, call.obs) for g in inner.attn_blocks}
+            ranges, blocks = (needs.ranges, needs.attn_blocks) if needs.cond_half else (set(), set())
+            cond, flops, new_res, new_attn = runner.run_graph(
+                half, runner.intern(runner.inputs.user_signature(half)), inner, self._residuals_of(COND_HALF), attn, ranges, blocks
+            )
+            self._record_internal(COND_HALF, new_res, new_attn, call, deviations=False)
             outs = []
             for i, c in enumerate(cond):
                 if not isinstance(c, torch.Tensor):
@@ -365,25 +362,51 @@ class CacheSession:
                 outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
             self._record_outputs(b, outs, computed=False, call=call)
             return outs, flops
-        needs = self._needs or CacheNeeds()
-        attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks} if action.kind is ActionKind.ATTN else {}
+        attn: dict[int, list[torch.Tensor]]
+        if action.kind is ActionKind.ATTN:
+            attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks}
+        else:  # a prologue probe may pick ATTN: fetch what it picks when the blocks ask
+            attn = OnDemand(lambda g: self._attention_for(b, g, call.obs))
         probe = self._probe_run(runner, call) if action.kind is ActionKind.PROBE else None
         outs, flops, new_res, new_attn = runner.run_graph(
             args, sig, FULL if probe else action, self._residuals_of(b), attn, needs.ranges, needs.attn_blocks, probe
         )
-        for rng, values in new_res.items():
-            self._deviation(call, f"block:{rng[0]}-{rng[1]}", values[0], ("res", b, *rng, 0))
-            self._put_list(("res", b, *rng), values)
-        for g, values in new_attn.items():
-            if needs.history >= 2:
-                for i in range(len(values)):
-                    self._store.rotate(("attn", b, g, i), ("attn_prev", b, g, i))
-            self._put_list(("attn", b, g), values)
+        self._record_internal(b, new_res, new_attn, call, deviations=True)
+        if b == "batch" and needs.cond_half:
+            self._record_cond_half(new_res, new_attn, call)
         if outs is None:  # a probe decided to reuse the whole call
             return self._reused_outputs(b, call.obs), flops
         self._record_outputs(b, outs, computed=True, call=call)
         self._computed_this_step.add(b)
         return outs, flops
+
+    def _record_internal(self, branch: str, new_res: dict, new_attn: dict, call: _Call, deviations: bool) -> None:
+        """Keep the residuals and attention outputs a call computed, under ``branch``."""
+        needs = self._needs or CacheNeeds()
+        for rng, values in new_res.items():
+            if deviations:
+                self._deviation(call, f"block:{rng[0]}-{rng[1]}", values[0], ("res", branch, *rng, 0))
+            self._put_list(("res", branch, *rng), values)
+        for g, values in new_attn.items():
+            if needs.history >= 2:
+                for i in range(len(values)):
+                    self._store.rotate(("attn", branch, g, i), ("attn_prev", branch, g, i))
+            self._put_list(("attn", branch, g), values)
+
+    def _record_cond_half(self, new_res: dict, new_attn: dict, call: _Call) -> None:
+        """A full batch call also feeds the cond half's history (Note [action table]). Every
+        recorded tensor is batch-first with both halves; one that is not is left out (its
+        composite action then falls back for want of a cache, never reading a wrong slice)."""
+        part = self.batch_order.index("cond")
+
+        def halves(values: list[torch.Tensor]) -> list[torch.Tensor] | None:
+            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] % 2 == 0 for v in values):
+                return None
+            return [v.chunk(2, dim=0)[part] for v in values]
+
+        res = {rng: h for rng, v in new_res.items() if (h := halves(v)) is not None}
+        attn = {g: h for g, v in new_attn.items() if (h := halves(v)) is not None}
+        self._record_internal(COND_HALF, res, attn, call, deviations=False)
 
     def _probe_run(self, runner: Any, call: _Call) -> ProbeRun:
         probe = self._needs.probe

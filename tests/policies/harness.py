@@ -38,6 +38,7 @@ def _check_call(session, ref: Reference, rule, step: int, branch: str, kwargs: d
         rebuild=getattr(rule, "rebuild", lambda s, b: None)(step, branch),
         attn_value=getattr(rule, "attn_value", lambda s, b: None)(step, branch),
         after_probe=(lambda ind: rule.after_probe(step, branch, ind)) if action == "probe" else None,
+        step_value=getattr(rule, "step_value", lambda s, b: None)(step, branch),
     )
     entry = session.trace[-1]
     assert (entry.step, entry.branch) == (step, branch)

@@ -6,9 +6,13 @@ semantics, and reports what the policies observe (deviations, probe indicators):
   full      compute; record the output, the residual of each watched range, the attention
             output of each watched block (last two computed), the CFG difference (uncond -
             cond when both computed at a step, or the halves of a batch call)
-  step      return the branch's last output
+  step      return the branch's last output, or ``step_value(last, previous)`` of its last
+            two computed outputs (extrapolating policies)
   cfg       separate: rebuild(cond output of this step, stored difference); batched: compute
             the cond half alone and rebuild the uncond half
+  cfg+X     batched: as cfg, the cond half running X (block:a-b / attn:...) on the cond half's
+            own caches ("batch.cond"); with ``cond_half=True`` full batch calls feed those
+            caches with their cond halves, and every cond-half computation records into them
   block:a-b skip blocks [a, b): their outputs are their inputs plus the stored residual
   attn:...  the listed blocks' self-attention returns ``attn_value(block, last, prev)``
   probe     compute the prologue (or the first Fn blocks), measure the indicator, and let
@@ -60,13 +64,16 @@ def _temb(args: tuple, kwargs: dict) -> torch.Tensor:
 
 class Reference:
     def __init__(self, model: torch.nn.Module, adapter: BlockAdapter, watch_ranges=(), watch_attn=(), probe: Probe | None = None,
-                 batch_order: tuple[str, str] = ("uncond", "cond")) -> None:
+                 batch_order: tuple[str, str] = ("uncond", "cond"), cond_half: bool = False) -> None:
+        self.cond_half = cond_half
         self.model, self.ad = model, adapter
         self.watch_ranges = list(watch_ranges)
         self.watch_attn = list(watch_attn)
         self.probe = probe
         self.batch_order = batch_order
         self.out: dict[str, torch.Tensor] = {}
+        self.fresh: dict[str, list[torch.Tensor]] = {}  # last two computed outputs per branch
+        self._step_value = None
         self.delta: torch.Tensor | None = None
         self.res: dict[tuple[str, int, int], list[torch.Tensor]] = {}
         self.attn: dict[tuple[str, int], list[Any]] = {}  # [prev, last] computed
@@ -78,42 +85,62 @@ class Reference:
     def call(self, step: int, branch: str, action: str, inputs: dict[str, Any], *,
              rebuild: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
              attn_value: Callable[[int, Any, Any | None], Any] | None = None,
-             after_probe: Callable[[float], str] | None = None) -> CallResult:
+             after_probe: Callable[[float], str] | None = None,
+             step_value: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None) -> CallResult:
         if self.computed[0] != step:
             self.computed = (step, set())
         rebuild = rebuild or (lambda c, d: c + d)
+        self._step_value = step_value
         if action == "step":
-            return CallResult(self.out[branch].clone(), "step")
+            return CallResult(self._reused(branch), "step")
         if action == "cfg" and branch == "uncond":
             out = rebuild(self.out["cond"], self.delta)
             self.out["uncond"] = out.clone()
             return CallResult(out, "cfg")
-        if action == "cfg":
+        if action == "cfg" or action.startswith("cfg+"):
             part = self.batch_order.index("cond")
             half = {k: (v.chunk(2)[part] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in inputs.items()}
-            cond = self.model(**half)[0]
+            inner = action.partition("+")[2] or "full"
+            cond = self._computed_call(step, "batch.cond", inner, half, attn_value, None, keep=self.cond_half).output
             uncond = rebuild(cond, self.delta)
             out = torch.cat([uncond, cond] if part == 1 else [cond, uncond])
             self.out[branch] = out.clone()
-            return CallResult(out, "cfg")
-        return self._computed_call(step, branch, action, inputs, attn_value, after_probe)
+            return CallResult(out, action)
+        result = self._computed_call(step, branch, action, inputs, attn_value, after_probe)
+        return result
 
-    def _computed_call(self, step, branch, action, inputs, attn_value, after_probe) -> CallResult:
+    def _reused(self, branch: str) -> torch.Tensor:
+        """A skipped call's output: the last output, or ``step_value(last, previous)`` over the
+        branch's last two *computed* outputs (never a rebuilt or reused one)."""
+        if self._step_value is None:
+            return self.out[branch].clone()
+        hist = self.fresh[branch]
+        return self._step_value(hist[-1], hist[-2] if len(hist) > 1 else None)
+
+    def _keep_cond_half(self, state: "_CallState") -> None:
+        part = self.batch_order.index("cond")
+        for rng, values in state.new_res.items():
+            self.res[("batch.cond", *rng)] = [v.chunk(2)[part] for v in values]
+        for g, value in state.new_attn.items():
+            half = tuple(v.chunk(2)[part] for v in value) if isinstance(value, tuple) else value.chunk(2)[part]
+            hist = self.attn.get(("batch.cond", g), [])
+            self.attn[("batch.cond", g)] = (hist + [half])[-2:]
+
+    def _computed_call(self, step, branch, action, inputs, attn_value, after_probe, keep: bool = True) -> CallResult:
         state = _CallState(action=action)
         try:
             with self._hooks(branch, state, attn_value, after_probe):
                 out = self.model(**inputs)[0]
         except _SkipRest:
-            return CallResult(self.out[branch].clone(), "step", state.indicator)
-        devs: dict[str, float] = {}
-        for rng, values in state.new_res.items():
-            key = (branch, *rng)
-            if key in self.res:
-                devs[f"block:{rng[0]}-{rng[1]}"] = rel_l1(values[0], self.res[key][0])
-            self.res[key] = values
-        for g, value in state.new_attn.items():
-            hist = self.attn.get((branch, g), [])
-            self.attn[(branch, g)] = (hist + [value])[-2:]
+            return CallResult(self._reused(branch), "step", state.indicator)
+        if branch == "batch.cond":  # the computed half of a CFG call: keep its caches only
+            if keep:
+                self._store_internal(branch, state)
+            return CallResult(out, state.action)
+        if branch == "batch" and self.cond_half:
+            self._keep_cond_half(state)
+        devs = self._store_internal(branch, state)
+        self.fresh[branch] = (self.fresh.get(branch, []) + [out.clone()])[-2:]
         if branch in self.out:
             devs["step"] = rel_l1(out, self.out[branch])
         self.out[branch] = out.clone()
@@ -131,6 +158,18 @@ class Reference:
             self.delta = new_delta
         done.add(branch)
         return CallResult(out, state.action, state.indicator, devs)
+
+    def _store_internal(self, branch: str, state: "_CallState") -> dict[str, float]:
+        devs: dict[str, float] = {}
+        for rng, values in state.new_res.items():
+            key = (branch, *rng)
+            if key in self.res:
+                devs[f"block:{rng[0]}-{rng[1]}"] = rel_l1(values[0], self.res[key][0])
+            self.res[key] = values
+        for g, value in state.new_attn.items():
+            hist = self.attn.get((branch, g), [])
+            self.attn[(branch, g)] = (hist + [value])[-2:]
+        return devs
 
     # ---- hooks --------------------------------------------------------------------------------
     @contextlib.contextmanager

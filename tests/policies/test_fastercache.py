@@ -66,6 +66,9 @@ class FasterRule:
     def action(self, step, branch, computed):
         phase = self._phase(step)
         if phase and (branch == "batch" or (branch == "uncond" and "cond" in computed)):
+            half = self.last_attn.get("half")
+            if branch == "batch" and step in self.attn and half is not None and step - half == 1:
+                return "cfg+" + ALL  # the composite: the computed cond half reuses attention
             return "cfg"
         last = self.last_attn.get(branch)
         if phase != 0 and step in self.attn and last is not None and step - last == 1:
@@ -75,7 +78,9 @@ class FasterRule:
     def observe(self, step, branch, result):
         if result.action == "full":
             self.last_attn[branch] = step
-        if result.action == "cfg":
+        if branch == "batch" and result.action in ("full", "cfg"):
+            self.last_attn["half"] = step
+        if result.action.startswith("cfg"):
             self.skipped.append(step)
         elif branch in ("uncond", "batch"):
             self.skipped = []
@@ -127,11 +132,13 @@ def test_batched_cfg_compound_weights_match_reference():
     session = CacheSession("fastercache", cfg="batched", attn_window=(0.15, 1.0), cfg_window=(0.4, 1.0), boost="compound",
                            low_boost_window=low, high_boost_window=high)
     rule = FasterRule(STEPS, 0.15, 0.4, "compound", 0.1, (low, high))
-    ref = Reference(model, two_stream_adapter(model), watch_attn=range(3))
+    ref = Reference(model, two_stream_adapter(model), watch_attn=range(3), cond_half=True)
     log = drive_batched(model, make, session, ref, rule, STEPS)
     actions = [a for _, _, a in log]
-    # attention alternates before the CFG window (3..5), CFG wins inside it (6..13, refresh 6, 11)
-    assert actions[3:6] == [ALL, "full", ALL] and actions.count("cfg") == 6
+    # attention alternates before the CFG window (3..5); inside it (6..13, refresh 6, 11) the
+    # skipped steps compute the cond half only, which alternates its own attention reuse
+    assert actions[3:6] == [ALL, "full", ALL]
+    assert actions[6:14] == ["full", "cfg+" + ALL, "cfg", "cfg+" + ALL, "cfg", "full", "cfg+" + ALL, "cfg"]
     assert not session.stats()["fallbacks"]
 
 
