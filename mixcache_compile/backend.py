@@ -44,6 +44,7 @@ class BackendOptions:
         """``options`` of ``torch.compile(..., backend="mixcache", options=...)``. torch.compile
         takes ``mode`` or ``options``, not both: with options, give the mode as
         ``options["mode"]``; inductor config goes in ``options["inductor"]`` (a dict)."""
+        given = options
         options = dict(options or {})
         valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass"}
         unknown = sorted(set(options) - valid)
@@ -51,7 +52,7 @@ class BackendOptions:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
         session = options.get("session")
         if session is None:
-            session = CacheSession(options.get("policy", DEFAULT_POLICY))  # a name, a PolicyConfig or a Policy
+            session = _session_for(given, options.get("policy", DEFAULT_POLICY))
         elif not isinstance(session, CacheSession):
             raise TypeError(f"options['session'] must be a CacheSession, got {type(session).__name__}")
         elif "policy" in options:
@@ -69,6 +70,22 @@ class BackendOptions:
         if on_bypass not in ON_BYPASS:
             raise TypeError(f"options['on_bypass'] must be one of {ON_BYPASS}, got {on_bypass!r}")
         return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass)
+
+
+# Note [one session per options dict]: a compile without a session gets one built from its
+# policy. Dynamo calls the backend again for the same model (recompiles, and the second trace
+# through the model's own entry code, runtime/entry.py); every call with the same options dict
+# must find the same session, or the caches and the step count would start over.
+_SESSIONS_BY_OPTIONS: dict[int, tuple[Any, CacheSession]] = {}
+
+
+def _session_for(options: dict[str, Any] | None, policy: Any) -> CacheSession:
+    if options is None:
+        return CacheSession(policy)
+    held = _SESSIONS_BY_OPTIONS.get(id(options))
+    if held is None or held[0] is not options:  # the dict is kept alive with it, so ids stay unique
+        held = _SESSIONS_BY_OPTIONS[id(options)] = (options, CacheSession(policy))
+    return held[1]
 
 
 def _partial_graph_reason(gm: fx.GraphModule) -> str | None:

@@ -115,8 +115,9 @@ def _write_export(obj: Any, call_kwargs: dict[str, Any], out: Path, *, format: s
     entries: dict[str, StageEntry] = {}
     calls_by_sig: dict[str, list[StageCall]] = {}
     for sig_id, (args, half_of) in signatures.items():
-        # A half-batch call (batched CFG reuse) runs the plain stages only: no probe, no attention reuse.
-        calls_by_sig[sig_id] = _walk(runner, args, set(variants) if half_of is None else set())
+        # A half-batch call (batched CFG reuse) never probes, but a composite CFG action may reuse
+        # attention on the cond half (Note [action table]): its attention variant is exported too.
+        calls_by_sig[sig_id] = _walk(runner, args, set(variants) if half_of is None else set(variants) - {"probe"})
     writer = _OnnxWriter(out, opset) if format == "onnx" else _InductorWriter(out)
     max_err: float | None = 0.0 if verify else None
     sig_json: dict[str, dict] = {}

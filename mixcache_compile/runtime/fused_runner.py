@@ -189,7 +189,8 @@ class FusedPath:
                 for slot, value in zip(run.outputs, outs):
                     env[slot] = value
                 flops += f
-            if run.single is not None and first in record_attn:
+            if run.single is not None and first in record_attn and first not in reuse_attn:
+                # only attention this call computed is recorded (a reused one is not fresh)
                 new_attn[first] = [env[s] for s in run.single.attn_out]
             last_block = run.last_block
             if last_block is not None and range_inputs:

@@ -83,7 +83,8 @@ def test_policy_none_is_one_compiled_graph_without_recompiles():
     with torch.no_grad():
         for generation in range(2):
             for step in range(3):
-                x, t = _inputs(step, t=0.9 - 0.1 * step)
+                x, _ = _inputs(step)
+                t = torch.full((2,), 0.9 - 0.1 * step)  # a new timestep each step, same shapes
                 with session.context("cond", step_index=step, num_inference_steps=3):
                     torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-4, atol=1e-5)
             frames = sum(torch._dynamo.utils.counters["frames"].values())

@@ -35,8 +35,9 @@ def test_manifest_names_every_stage_and_variant(exported):
     assert len(m.signatures) == (2 if name == "cogvideox" else 1)
     full = {k for k, s in m.signatures.items() if s["half_of"] is None}
     for entry in m.stages.values():
-        # the half batch (batched CFG reuse) runs the plain stages only
-        assert set(entry.files) == (set(m.signatures) if entry.role in ("prologue", "block", "epilogue") else full)
+        # every stage and the attention variant (composite CFG reuses attention on the cond half) at
+        # both batches; probes at the full batch only
+        assert set(entry.files) == (set(m.signatures) if entry.role in ("prologue", "block", "epilogue", "attn_reused") else full)
         for f in entry.files.values():
             assert (out / f.file).is_file() and f.flops > 0 and f.graph
     # Parameters are initializers (not graph inputs) stored once: equal blocks share graphs.

@@ -21,8 +21,8 @@ NON_DEFAULT: dict[str, dict] = {
     "static": {"schedule": {1: "step", (2, "uncond"): "cfg", 3: "block:1-3", 4: "attn:0,2"}, "every": 3, "reuse": "cfg", "warmup": 2},
     "fastercache": {"attn_interval": 3, "attn_window": {2, 5, 7}, "attn_weight": 0.3, "cfg_window": None, "boost": "compound",
                     "alpha_low": 0.25, "low_boost_window": (0.1, 0.5), "lowpass_divisor": 4, "num_steps": 20},
-    "mixcache": {"warmup": 0.1, "tau": 0.1, "Fn": 2, "Bn": 0, "sensitivities": {"step": 1.0, "cfg": 0.5, "block": 0.25},
-                 "interval": 3, "block_guard": None, "granularities": ["block", "step"], "num_steps": 12},
+    "mixcache": {"threshold": 0.07, "warmup": 0.1, "tau": 0.1, "Fn": 2, "Bn": 0, "extrapolate": False, "damping": 0.25,
+                 "repeat_penalty": 2.0, "cfg_weights": [1.2, 0.8], "candidates": ["step", "block"], "num_steps": 12},
     "fbcache": {"threshold": 0.12, "Fn": 2, "Bn": 1, "warmup": 3, "update": "always", "max_cached": 2},
     "dbcache": {"threshold": 0.2, "Fn": 1, "Bn": 1, "warmup": 0},
     "teacache": {"threshold": 0.3, "coefficients": [1.0, -2.0, 0.5], "warmup": 2, "final_full": 0},
@@ -51,7 +51,8 @@ def test_normal_form_makes_equal_options_equal_configs():
     assert pab(window=(0, 1)).window == (0.0, 1.0)
     static = make_config("static", schedule={3: "block:1-3"}, reuse="cfg")
     assert static.schedule == {3: Action(ActionKind.BLOCK, block_range=(1, 3))} and static.reuse.kind is ActionKind.CFG
-    assert make_config("mixcache", granularities=["block", "step"]).granularities == ("step", "block")
+    assert make_config("mixcache", candidates=["block", "step"]).candidates == ("block", "step")
+    assert make_config("mixcache", cfg_weights=[1.0, 0.5]) == make_config("mixcache", cfg_weights=(1.0, 0.5))
 
 
 def test_configs_are_frozen():
@@ -75,9 +76,9 @@ BAD = [
     ("fastercache", {"boost": "double"}, ValueError, "boost must be one of"),
     ("fastercache", {"attn_weight": "cubic"}, ValueError, "attn_weight must be 'linear'"),
     ("fastercache", {"t0": 1.5}, ValueError, "t0 must be <= 1.0"),
-    ("mixcache", {"delta1": 0.5, "delta2": 0.1}, ValueError, "need delta1 <= delta2"),
-    ("mixcache", {"interval": 9}, ValueError, "need min_interval <= interval <= max_interval"),
-    ("mixcache", {"sensitivities": {"attn": 1.0}}, ValueError, "unknown granularities"),
+    ("mixcache", {"threshold": -0.1}, ValueError, "threshold must be >= 0.0"),
+    ("mixcache", {"candidates": ("step", "nonsense")}, ValueError, "candidates must be a non-empty subset"),
+    ("mixcache", {"repeat_penalty": 0.5}, ValueError, "repeat_penalty must be >= 1.0"),
     ("static", {"every": 0}, ValueError, "every must be a positive int"),
     ("static", {"schedule": {(1, "both"): "step"}}, ValueError, "is not a step index or"),
     ("static", {"schedule": {1: "leap"}}, ValueError, "unknown action 'leap'"),
