@@ -58,7 +58,10 @@ from ..runtime.context import CallContext, StepTracker
 class _BranchSteps:
     """Step index and branch of each transformer call, by the runtime's own ``StepTracker``
     (steps from timestep changes, branches from ``cache_context`` names, else call order,
-    cond first). ``name``: the ``cache_context`` name open now (set by the Perturber)."""
+    cond first), so calibration and the runtime agree on where a call is; like the runtime, it
+    reads a branch seen twice at one timestep as a new generation (a pipeline making three
+    denoiser calls per step is outside both). ``name``: the ``cache_context`` name open now
+    (set by the Perturber)."""
 
     def __init__(self) -> None:
         self.name: str | None = None
