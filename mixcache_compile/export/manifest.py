@@ -26,7 +26,8 @@ import torch
 from ..passes.plan import BlockStage, StagePlan
 from ..passes.stage_graph import StageGraph
 from ..policies import PolicyConfig, make_config
-from ..policies.protocol import Action, ActionKind
+from ..policies.actions import spelling
+from ..policies.protocol import Action
 from ..runtime.inputs import InputInfo
 from .integrity import ALGORITHM, IntegrityError, check_relative, manifest_digest
 
@@ -100,12 +101,9 @@ def _hashable(v: Any) -> Any:
 
 
 def action_text(action: Action) -> str:
-    """The ``Action.parse`` spelling of an action (``block:1-3``, ``attn:0,2``, ``step``)."""
-    if action.kind is ActionKind.BLOCK:
-        return f"block:{action.block_range[0]}-{action.block_range[1]}"
-    if action.kind is ActionKind.ATTN:
-        return "attn:" + ",".join(map(str, action.attn_blocks))
-    return action.kind.value.lower()
+    """The ``Action.parse`` spelling of an action (``block:1-3``, ``attn:0,2``, ``step``,
+    ``cfg+block:1-3``): ``policies/actions.py`` ``spelling``."""
+    return spelling(action)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
