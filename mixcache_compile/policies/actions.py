@@ -222,6 +222,7 @@ def _cfg(action: Action, branch: str) -> ActionSpec:
     requires: list[Requirement] = [ProbeBefore(None, "CFG reuse cannot follow a probe")]
     if branch == "cond":
         requires.append(Refused("CFG reuse applies to the unconditional branch"))
+        return ActionSpec(action, branch, Runs.NOTHING, tuple(requires))
     requires.append(Present((CacheRef(Cache.DELTA),), "no cached CFG difference"))
     if branch != "batch":  # a separate uncond call: the part is moot
         requires.append(Fresh(CacheRef(Cache.OUTPUT, "cond"), "cond branch not computed at this step"))
