@@ -7,14 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mixcache_compile import CacheSession
 from mixcache_compile.export.manifest import action_text
 from mixcache_compile.policies.actions import (
     BRANCHES, RULES, Cache, CacheRef, Fresh, PartOf, Present, Runs, describe, needs_of, spelling,
 )
-from mixcache_compile.policies.protocol import COND_HALF, Action, ActionKind, ModelInfo, Recorded
+from mixcache_compile.policies.base import PolicyBase
+from mixcache_compile.policies.protocol import COND_HALF, Action, ActionKind, CacheNeeds, ModelInfo, Recorded
 from mixcache_compile.policies.static import StaticConfig, StaticPolicy
 from mixcache_compile.runtime.actions import Situation, refusal
 from mixcache_compile.runtime.records import CacheRecords
+from tests.tiny_models import wan
 
 SAMPLE = ["full", "step", "cfg", "block:1-3", "attn:0,2", "cfg+block:1-3", "cfg+attn:0,2", "probe"]
 MODEL = ModelInfo(num_blocks=4, chain_bounds=((0, 4),), reusable_ranges=frozenset({(1, 3), (0, 4)}),
@@ -133,3 +136,38 @@ def test_records_stamp_what_the_observation_shows():
     assert ref.name == "output:cond" and records.recorded["output:cond"] == Recorded(4, True, False)
     records.clear()
     assert not records.has(ref) and not records.recorded
+
+
+class _Watching(PolicyBase):
+    """Cond: FULL at steps 0 and 2, BLOCK(1-3) at step 1; uncond always FULL. Keeps what each
+    call observed of the CFG difference and the cond output."""
+
+    name = "watching"
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, str, bool, bool]] = []
+
+    def needs(self, model):
+        return CacheNeeds(outputs=True, cfg_delta=True, ranges={(1, 3)})
+
+    def decide(self, obs):
+        self.seen.append((obs.step, obs.branch, obs.exact("delta"), obs.fresh("output:cond")))
+        return Action.parse("block:1-3") if (obs.step, obs.branch) == (1, "cond") else Action.parse("full")
+
+
+def test_observation_says_what_is_fresh_and_exact():
+    model, make = wan()
+    policy = _Watching()
+    session = CacheSession(policy)
+    compiled = torch.compile(model, backend="mixcache", options={"session": session, "engine": "eager"}, fullgraph=True)
+    with torch.no_grad():
+        for step in range(3):
+            for branch, seed in (("cond", 0), ("uncond", 1)):
+                with session.context(branch, step_index=step, num_inference_steps=3):
+                    compiled(**make(1, seed=seed))
+    assert [e.action for e in session.trace] == ["FULL", "FULL", "BLOCK(1-3)", "FULL", "FULL", "FULL"]
+    assert policy.seen == [
+        (0, "cond", False, False), (0, "uncond", False, True),  # nothing yet; cond computed at step 0
+        (1, "cond", True, False), (1, "uncond", True, True),  # delta of two full calls
+        (2, "cond", False, False), (2, "uncond", False, True),  # step 1's delta came from a BLOCK call
+    ]
