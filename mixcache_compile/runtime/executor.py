@@ -1,7 +1,9 @@
 """The callable the backend returns: runs the stage graphs an action needs, call by call.
 
-Decisions are made here, between stage calls, never inside a compiled graph. Every value of
-the original graph has a slot; a stage reads its input slots and fills its output slots.
+The session decides what a call runs (``request.py``: a ``GraphRequest``), between stage
+calls, never inside a compiled graph; a probe's decision comes mid-graph, at its probe
+point. What an action skips or swaps is its description (``policies/actions.py``). Every
+value of the original graph has a slot; a stage reads its input slots and fills its output slots.
 Skipping a block range fills the range's stream outputs from its stream inputs plus the
 cached residual; reusing attention feeds the cached attention output to the block variant
 that takes it as an input.
