@@ -42,17 +42,17 @@ class Capture:
 
 
 class _RecordingSession(CacheSession):
-    """A policy-``none`` session that also keeps the arguments of every call."""
+    """A policy-``none`` session that also keeps the arguments of every call (through the
+    session's public call hook)."""
 
     def __init__(self, cfg: str) -> None:
         super().__init__("none", cfg=cfg)
         self.recorded: list[tuple[StageRunner, list[Any], bool]] = []
+        self.add_call_hook(self._record)
 
-    def _run_call(self, runner: Any, args: Sequence[Any]) -> tuple[Any, ...]:
-        ctx = getattr(self._local, "ctx", None)
+    def _record(self, runner: Any, args: Sequence[Any], ctx: Any) -> None:
         batched = bool((ctx is not None and ctx.batched) or self.cfg == "batched")
         self.recorded.append((runner, list(args), batched))
-        return super()._run_call(runner, args)
 
 
 def capture(obj: Any, call_kwargs: dict[str, Any], cfg: str = "auto") -> Capture:

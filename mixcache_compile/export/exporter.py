@@ -22,6 +22,7 @@ import torch
 from ..passes.stage_graph import StageGraph
 from ..policies import PolicyConfig, make_config
 from ..progress import progress
+from ..runtime.executor import probe_value
 from ..runtime.flops import count_flops
 from .capture import Capture, capture
 from .compat import running_versions
@@ -264,29 +265,24 @@ def _walk(runner: Any, args: list[Any], variants: set[str]) -> list[StageCall]:
         calls.append(call)
         return call
 
-    run(plan.prologue, "prologue")
-    if "probe" in variants and runner.probe_available("prologue", 1) is None:
-        variant = runner._probe_variant("prologue", 1)
-        run(variant, "probe", False, [env[plan.modulation_slot]], extra_inputs=["probe_prev"],
-            extra_outputs=["indicator"], probe={"kind": "prologue", "blocks": 1})
-    blocks = runner.blocks
-    g = 0
-    for c, chain in enumerate(plan.chains):
-        if c in plan.glue:
-            run(plan.glue[c], "glue")
-        for block in chain:
-            run(block.stage, "block")
-            if "attn_reused" in variants and block.attn_reused is not None:
-                run(block.attn_reused, "attn_reused", False, [env[s] for s in block.attn_out],
-                    extra_inputs=[f"cached_{j}" for j in range(len(block.attn_out))])
-            if "probe" in variants and runner.probe_available("blocks", g + 1) is None:
-                variant = runner._probe_variant("blocks", g + 1)
-                h_in = env[blocks[0].stream_in[0]]
-                prev = env[dict(block.stream_map)[0]] - h_in
-                run(variant, "probe", False, [h_in, prev], extra_inputs=["probe_h_in", "probe_prev"],
-                    extra_outputs=["residual", "indicator"], probe={"kind": "blocks", "blocks": g + 1})
-            g += 1
-    run(plan.epilogue, "epilogue")
+    # The runner's walk over the plan (the sequence execution and FLOP accounting follow).
+    for unit in runner.units:
+        if unit.kind != "block":
+            run(unit.stage, unit.kind)
+            if unit.kind == "prologue" and "probe" in variants and plan.probe_refusal("prologue", 1) is None:
+                run(plan.probe_variant("prologue", 1), "probe", False, [probe_value(plan, "prologue", 1, env)],
+                    extra_inputs=["probe_prev"], extra_outputs=["indicator"], probe={"kind": "prologue", "blocks": 1})
+            continue
+        g, block = unit.block, runner.blocks[unit.block]
+        run(block.stage, "block")
+        if "attn_reused" in variants and block.attn_reused is not None:
+            run(block.attn_reused, "attn_reused", False, [env[s] for s in block.attn_out],
+                extra_inputs=[f"cached_{j}" for j in range(len(block.attn_out))])
+        if "probe" in variants and plan.probe_refusal("blocks", g + 1) is None:
+            # the block's own residual stands in for the previous one (shapes are what count)
+            run(plan.probe_variant("blocks", g + 1), "probe", False, [env[plan.hidden_in], probe_value(plan, "blocks", g + 1, env)],
+                extra_inputs=["probe_h_in", "probe_prev"], extra_outputs=["residual", "indicator"],
+                probe={"kind": "blocks", "blocks": g + 1})
     return calls
 
 

@@ -3,7 +3,8 @@ the torch backend, driving stage files named by a manifest instead of compiled F
 
 ``ManifestRunner`` is a ``StageRunner`` built from the manifest's plan (its stage graphs have
 no GraphModule): it differs only where the torch runner reads a graph, namely FLOPs (counted
-at export time) and probe variants (exported files instead of graph rewrites).
+at export time) and probe variants (exported files instead of graph rewrites), both given
+through the runner's public extension points.
 ``ManifestEngine`` is an ``Engine``: ``get(stage, args)`` finds the file exported for that
 stage at the arguments' shapes and returns its callable from a ``Loader`` (onnxruntime,
 TensorRT, saved inductor artifacts). ``ExportedTransformer`` is a drop-in ``transformer`` of a
@@ -14,7 +15,6 @@ No torch.compile runs anywhere on this path.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -140,24 +140,24 @@ def _matches(f: StageFile, args: Sequence[Any]) -> bool:
 
 
 class ManifestRunner(StageRunner):
-    """The torch backend's ``StageRunner``, over a manifest's plan and a ``ManifestEngine``."""
+    """The torch backend's ``StageRunner``, over a manifest's plan and a ``ManifestEngine``,
+    through the runner's extension points: the plan's probe variants are the exported ones,
+    and FLOPs are those counted at export time (``stage_flops``, ``count_full_flops``)."""
 
     def __init__(self, manifest: Manifest, engine: ManifestEngine, session: CacheSession) -> None:
-        # model_key (one session, one model) arrived in the runner concurrently with this file.
-        key = {"model_key": id(engine)} if "model_key" in inspect.signature(StageRunner.__init__).parameters else {}
-        super().__init__(manifest.stage_plan(), engine, manifest.input_info(), session, **key)
+        plan = manifest.stage_plan()
+        for entry in manifest.stages.values():
+            if entry.role == "probe" and entry.probe is not None:
+                plan.probe_variants[(entry.probe["kind"], int(entry.probe["blocks"]))] = entry.graph()
+        super().__init__(plan, engine, manifest.input_info(), session, model_key=id(engine))
         self.manifest = manifest
-        self._variants = {name: e.graph() for name, e in manifest.stages.items() if e.role == "probe"}
         self._full_by_user = {tuple((tuple(m[0]), m[1]) for m in s["user"]): s["full_flops"] for s in manifest.signatures.values()}
 
-    def _count_flops(self, stage: StageGraph, args: Sequence[Any]) -> int:
+    def stage_flops(self, stage: StageGraph, args: Sequence[Any]) -> int:
         return self.engine.flops(stage, args)
 
-    def _probe_variant(self, kind: str, blocks: int) -> StageGraph:
-        name = "prologue.probe" if kind == "prologue" else f"{self.blocks[blocks - 1].stage.name}.probe"
-        if name not in self._variants:
-            raise ExportError(f"probe variant {name!r} was not exported (export with variants including 'probe')")
-        return self._variants[name]
+    def count_full_flops(self, args: Sequence[Any], sig: int) -> int:
+        return self._full_by_user[self.check_exported(args)]
 
     def check_exported(self, args: Sequence[Any]) -> tuple:
         user = tuple((tuple(args[i].shape), dtype_name(args[i].dtype)) for i in self.inputs.user_tensors)
@@ -166,11 +166,6 @@ class ManifestRunner(StageRunner):
             raise ExportError(f"no exported specialisation for input shapes {[list(s) for s, _ in user]} "
                               f"(exported: {have}). Exports are static: export again with example inputs of these shapes")
         return user
-
-    def full_flops(self, args: Sequence[Any], sig: int) -> int:
-        if sig not in self._full_flops:
-            self._full_flops[sig] = self._full_by_user[self.check_exported(args)]
-        return self._full_flops[sig]
 
 
 class ExportedTransformer(torch.nn.Module):

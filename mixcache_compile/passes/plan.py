@@ -4,7 +4,8 @@ One public function, ``plan_stages``. It runs three phases: find the block chain
 (``find_blocks``), assign every node to a segment (``partition``), then cut each segment
 into a canonical stage graph (``stage_graph``) and derive the variants the runtime needs:
 "range reused" (stream slots paired across a block so a residual can stand in for a range)
-and "attention reused" (a block variant taking its self-attention output as an input).
+and "attention reused" (a block variant taking its self-attention output as an input); probe
+(indicator) variants are made by the plan when first asked (``StagePlan.probe_variant``).
 The half-batch variant needs no graph of its own: a batch-symbolic stage runs at half
 batch as it is, and engines specialise per input shape.
 """
@@ -18,6 +19,7 @@ import torch.fx as fx
 
 from .attention_cut import attention_outputs, attention_scope, self_attention_path
 from .find_blocks import BlockChain, NoBlocksFound, find_block_chains
+from .indicator import with_residual_indicator, with_value_indicator
 from .partition import EPILOGUE, PROLOGUE, Segment, assign_segments
 from .stage_graph import StageGraph, build_stage_graph, mutated_inputs
 
@@ -58,9 +60,46 @@ class StagePlan:
     chain_names: list[str]
     range_reusable: list[bool]
     modulation_slot: int | None = None  # prologue output fed to block 0 that the timestep drives
+    # Probe (indicator) variants by (kind, blocks): built from the graphs on first ask
+    # (``probe_variant``), or given (an export manifest's plan has no graphs to build from).
+    probe_variants: dict[tuple[str, int], StageGraph] = field(default_factory=dict)
 
     def blocks(self) -> list[BlockStage]:
         return [b for chain in self.chains for b in chain]
+
+    def probe_refusal(self, kind: str, blocks: int) -> str | None:
+        """Why a probe of ``kind`` (after ``blocks`` blocks) cannot run on this plan, or None."""
+        if kind == "prologue":
+            return None if self.modulation_slot is not None else "no timestep-driven prologue output to watch"
+        first_chain = len(self.chains[0]) if self.chains else 0
+        if not (1 <= blocks <= first_chain - 1):
+            return f"probe over {blocks} first blocks needs 1 <= blocks < {first_chain} (first chain)"
+        last = self.blocks()[blocks - 1]
+        return None if any(j == 0 for j, _ in last.stream_map) else "the first blocks' hidden stream does not pair"
+
+    def probe_slot(self, kind: str, blocks: int) -> int:
+        """The slot the probe watches: the modulation input, or the hidden stream after the
+        first ``blocks`` blocks (whose residual against ``hidden_in`` it compares)."""
+        return self.modulation_slot if kind == "prologue" else dict(self.blocks()[blocks - 1].stream_map)[0]  # type: ignore[return-value]
+
+    @property
+    def hidden_in(self) -> int:
+        """The hidden stream's slot entering the first block (a blocks probe's residual base)."""
+        return self.blocks()[0].stream_in[0]
+
+    def probe_variant(self, kind: str, blocks: int) -> StageGraph:
+        """The stage a probe runs: the prologue, or block ``blocks - 1``, also computing the
+        indicator (``passes/indicator.py``). Inputs: the stage's, then (blocks probe) the
+        hidden input and the previous residual, or (prologue probe) the previous value."""
+        key = (kind, blocks)
+        if key not in self.probe_variants:
+            base = self.prologue if kind == "prologue" else self.blocks()[blocks - 1].stage
+            if base.gm is None:
+                raise PlanError(f"no probe variant {base.name}.probe in this plan (it has no graphs to build one from)")
+            out = base.outputs.index(self.probe_slot(kind, blocks))
+            gm = with_value_indicator(base.gm, out) if kind == "prologue" else with_residual_indicator(base.gm, out)
+            self.probe_variants[key] = StageGraph(f"{base.name}.probe", gm, list(base.inputs), list(base.outputs))
+        return self.probe_variants[key]
 
 
 def plan_stages(gm: fx.GraphModule, repeated_blocks: list[str] | None = None) -> StagePlan:

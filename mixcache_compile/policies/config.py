@@ -23,7 +23,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, TypeVar
 
-from .protocol import Action, ActionKind
+from .actions import spelling
+from .protocol import Action
 
 C = TypeVar("C", bound="PolicyConfig")
 
@@ -124,9 +125,6 @@ def _hashable(value: Any) -> Any:
 
 
 def action_text(action: Action) -> str:
-    """The ``Action.parse`` spelling of an action (``block:1-3``, ``attn:0,2``, ``step``)."""
-    if action.kind is ActionKind.BLOCK and action.block_range:
-        return f"block:{action.block_range[0]}-{action.block_range[1]}"
-    if action.kind is ActionKind.ATTN:
-        return "attn:" + ",".join(map(str, action.attn_blocks))
-    return action.kind.value.lower()
+    """The ``Action.parse`` spelling of an action (``block:1-3``, ``attn:0,2``, ``step``,
+    ``cfg+block:1-3``): the action description's ``spelling``, the one the manifest stores."""
+    return spelling(action)

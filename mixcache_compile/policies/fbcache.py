@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
+from .base import PolicyBase
 from .protocol import FULL, PROBE, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_positive_int
 
@@ -72,7 +73,7 @@ class DbCacheConfig(FbCacheConfig):
     warmup: int = 8
 
 
-class FBCachePolicy:
+class FBCachePolicy(PolicyBase):
     name = "fbcache"
 
     def __init__(self, config: FbCacheConfig | None = None) -> None:

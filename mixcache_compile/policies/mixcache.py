@@ -139,11 +139,9 @@ class MixCachePolicy:
         self._stale: dict[str, float] = {q: 0.0 for q in budget.QUANTITIES}
         self._plan_step: int | None = None
         self._plan: frozenset[str] = frozenset()
-        self._delta_full = False  # the stored CFG difference came from two full calls of one step
         self._last_change: float | None = None  # rel-L1 change of the cond output, last two computed steps
         self._previous: frozenset[str] = frozenset()
         self._triggered = self.config.tau is None
-        self._now: tuple[int | None, dict[str, ActionKind]] = (None, {})
         self.log: list[tuple[int, float, str, float]] = []  # (step, x, reuse, predicted error)
 
     def needs(self, model: ModelInfo) -> CacheNeeds:
@@ -174,20 +172,12 @@ class MixCachePolicy:
     def observe(self, report: CallReport) -> None:
         if report.step is None:
             return
-        if self._now[0] != report.step:
-            self._now = (report.step, {})
         kind = report.action.kind
-        self._now[1][report.branch] = kind
         if kind in (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN):
             state = self._branches.setdefault(report.branch, _Branch())
             state.computed = [*state.computed, (report.step, kind is ActionKind.FULL)][-2:]
         if kind is ActionKind.FULL and report.branch in ("cond", "batch") and "step" in report.deviations:
             self._last_change = report.deviations["step"]
-        done = self._now[1]
-        computing = (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN)
-        if report.branch == "batch" or (report.branch == "uncond" and done.get("cond") in computing):
-            if kind in computing:  # the runtime refreshed the CFG difference from these calls
-                self._delta_full = all(k is ActionKind.FULL for k in done.values())
 
     # ---- hooks the runtime calls ------------------------------------------------------------
     def reuse_output(self, current: list, previous: list | None, obs: Observation | None) -> list:
@@ -252,7 +242,7 @@ class MixCachePolicy:
         clean = bool(branches) and all(s.computed and s.computed[-1][1] for s in branches.values())
         ok = {
             "step": "step" in c and clean,
-            "cfg": "cfg" in c and obs.branch == "cond" and self._delta_full,
+            "cfg": "cfg" in c and obs.branch == "cond" and obs.exact("delta"),  # the runtime's stamp
             "block": self.block_range is not None and clean,
             "attn": bool(self._attn_blocks) and clean,
         }

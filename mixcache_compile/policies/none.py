@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
+from .base import PolicyBase
 from .protocol import FULL, Action, CacheNeeds, ModelInfo, Observation
 
 
@@ -17,7 +18,7 @@ class NoneConfig(PolicyConfig):
     name: ClassVar[str] = "none"
 
 
-class NonePolicy:
+class NonePolicy(PolicyBase):
     name = "none"
 
     def __init__(self, config: NoneConfig | None = None) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
+from .base import PolicyBase
 from .protocol import FULL, Action, ActionKind, CacheNeeds, ModelInfo, Observation
 from .schedules import StepWindow, WindowSpec, check_num_steps, check_positive_int, resolve_num_steps, window_value
 
@@ -51,7 +52,7 @@ class PabConfig(PolicyConfig):
         check_num_steps(self.num_steps)
 
 
-class PABPolicy:
+class PABPolicy(PolicyBase):
     name = "pab"
 
     def __init__(self, config: PabConfig | None = None) -> None:

@@ -10,6 +10,7 @@ then single-stream), and a block range never crosses from one chain into the nex
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -23,32 +24,10 @@ class ActionKind(str, enum.Enum):
     PROBE = "PROBE"  # run the policy's probe (``CacheNeeds.probe``), then ask ``after_probe``
 
 
-# Note [action table]: what each action runs, reads from the cache and records. The runtime
-# (``runtime/session.py``: ``_missing``, ``_non_finite``, ``_execute``) follows this table and
-# nothing else; the eager reference of the tests restates it independently.
-#
-#   kind       runs                          reads                               records
-#   FULL       every stage                   -                                   output; CFG difference (both branches
-#                                                                                fresh at one step, or a batch call);
-#                                                                                needed residuals / attention
-#   STEP       nothing                       the branch's last output (+ the     -
-#                                            previous fresh one, history=2)
-#   BLOCK      all but blocks [a, b)         residual of [a, b) of this branch   output; residuals / attention of the
-#                                                                                blocks it computed
-#   ATTN       every stage, listed blocks    attention of the listed blocks      output; attention of other blocks
-#              take cached attention         (last two with history=2)
-#   CFG        separate uncond call: nothing this step's cond output; CFG diff   the rebuilt output (as uncond's)
-#              batched call: the cond half,  CFG difference; the cond half's     the output; the cond half's
-#              as its *part* says            residual / attention for the part   residuals / attention it computed
-#   PROBE      prologue or first Fn blocks,  the probe's previous value          the probe value; then as the action
-#              then what after_probe picks                                       after_probe picked
-#
-# Composite actions: a CFG action may carry a *part* for the half it computes, a block range
-# (``cfg+block:a-b``) or attention blocks (``cfg+attn:...``): one batched call then reuses the
-# CFG difference for the uncond half and a residual or attention for the cond half. The cond
-# half has its own history (runtime branch ``COND_HALF``), fed by every call that computes it:
-# full batch calls (their cond half) and CFG calls. On a separate uncond call the part is
-# moot (that call computes nothing) and the action runs as plain CFG.
+# Note [action table] (``policies/actions.py``): what each action kind runs, reads, records
+# and when it is available, stated once there. A CFG action may carry a *part* for the half it
+# computes (``cfg+block:a-b``, ``cfg+attn:...``); the cond half of a batch call has its own
+# history under the runtime branch ``COND_HALF``.
 COND_HALF = "batch.cond"
 
 
@@ -198,6 +177,17 @@ class CacheNeeds:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """When a cache was last written: at ``step``, by a call that computed it (``computed``;
+    False: rebuilt, as CFG rebuilds an uncond output) from calls that all ran in full
+    (``exact``: no reused value went into it)."""
+
+    step: int | None
+    computed: bool
+    exact: bool
+
+
+@dataclass(frozen=True)
 class Observation:
     """Where the denoising loop is, as the runtime knows it, before a call."""
 
@@ -207,6 +197,20 @@ class Observation:
     cfg: str  # "separate" | "batched" | "none"
     generation: int
     computed_this_step: frozenset[str]  # branches already computed (not reused) at this step
+    # Every cache the runtime holds, by name (``policies/actions.py`` ``CacheRef.name``:
+    # "delta", "output:cond", "residual:cond:2-6", "attention:batch.cond:3"), and when it was
+    # written. A name absent here has no value (never recorded, or dropped).
+    recorded: Mapping[str, Recorded] = field(default_factory=dict)
+
+    def fresh(self, cache: str) -> bool:
+        """``cache`` was computed by a call of this step."""
+        rec = self.recorded.get(cache)
+        return rec is not None and rec.computed and rec.step == self.step
+
+    def exact(self, cache: str) -> bool:
+        """``cache`` holds a value computed by calls that all ran in full."""
+        rec = self.recorded.get(cache)
+        return rec is not None and rec.exact
 
 
 @dataclass(frozen=True)
@@ -223,11 +227,10 @@ class CallReport:
 
 @runtime_checkable
 class Policy(Protocol):
-    """Required: ``name``, ``needs``, ``decide``, ``reset``. Optional hooks the runtime calls
-    when present: ``after_probe(obs, indicator) -> Action``; ``observe(report)``;
-    ``reuse_output(current, previous, obs) -> list``; ``reuse_attention(block, current,
-    previous, obs) -> list``; ``rebuild_uncond(cond, delta, obs) -> Tensor``. ``previous`` is
-    None until two computed values exist (or with ``history=1``)."""
+    """Required: ``name``, ``needs``, ``decide``, ``reset``. The optional hooks
+    (``after_probe``, ``observe``, ``reuse_output``, ``reuse_attention``, ``rebuild_uncond``)
+    and their defaults are ``policies/base.py`` ``PolicyBase``, which policies derive from; a
+    policy that does not is given the defaults for the hooks it lacks (``hooks_of``)."""
 
     name: str
 

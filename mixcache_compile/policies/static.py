@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
-from .protocol import FULL, Action, ActionKind, CacheNeeds, ModelInfo, Observation
+from .actions import needs_of
+from .base import PolicyBase
+from .protocol import FULL, Action, CacheNeeds, ModelInfo, Observation
 
 ScheduleKey = int | tuple[int, str]
 
@@ -47,7 +49,7 @@ class StaticConfig(PolicyConfig):
         self._set("reuse", Action.parse(self.reuse))
 
 
-class StaticPolicy:
+class StaticPolicy(PolicyBase):
     name = "static"
 
     def __init__(self, config: StaticConfig | None = None) -> None:
@@ -70,18 +72,10 @@ class StaticPolicy:
         return self._scheduled(obs.step, obs.branch)
 
     def needs(self, model: ModelInfo) -> CacheNeeds:
+        """What the scheduled actions read (Note [action table], ``actions.needs_of``)."""
         needs = CacheNeeds()
         for action in [*self.schedule.values(), self.reuse]:
-            if action.kind is ActionKind.STEP:
-                needs.outputs = True
-            elif action.kind is ActionKind.CFG:
-                needs.cfg_delta = True
-                needs.cond_half = needs.cond_half or action.composite
-            part = action.part  # a composite CFG action's part needs its caches too
-            if part.kind is ActionKind.BLOCK and part.block_range:
-                needs.ranges.add(part.block_range)
-            elif part.kind is ActionKind.ATTN:
-                needs.attn_blocks.update(part.attn_blocks)
+            needs_of(action, needs)
         return needs
 
     def reset(self) -> None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
+from .base import PolicyBase
 from .protocol import FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
 
@@ -60,7 +61,7 @@ class TeaCacheConfig(PolicyConfig):
         check_num_steps(self.num_steps)
 
 
-class TeaCachePolicy:
+class TeaCachePolicy(PolicyBase):
     name = "teacache"
 
     def __init__(self, config: TeaCacheConfig | None = None) -> None:

@@ -100,10 +100,10 @@ class ModelEntry:
         self.checked_calls += 1
         if _reached_count() > reached_before:
             return
-        self.session._bypassed_calls += 1
+        self.session._accounting.bypassed_calls += 1
         message = (
             "mixcache: a call of the cached model ran under torch.compile but did not reach its "
-            f"CacheSession ({self.session._bypassed_calls} such call(s) so far): it was computed uncached. "
+            f"CacheSession ({self.session._accounting.bypassed_calls} such call(s) so far): it was computed uncached. "
             "Dynamo ran the model outside the mixcache graph (a skipped frame, a fallback after a graph "
             "break, or another torch.compile wrapped around this model)."
         )

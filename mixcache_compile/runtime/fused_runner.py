@@ -25,6 +25,7 @@ import torch
 from ..passes.fuse import PROBE_PREV, FusedPlan, Group
 from ..policies.protocol import Action, ActionKind
 from .distributed import check_same_layout
+from .request import GraphRequest
 
 _BLOCK, _ATTN, _FULL, _STEP = ActionKind.BLOCK, ActionKind.ATTN, ActionKind.FULL, ActionKind.STEP
 _NO_PREVIOUS = (1.0, 0.0)  # indicator [num, den] read as +inf: there is nothing to compare with
@@ -103,8 +104,10 @@ class FusedPath:
             return None
         return _getter([outputs.index(s) for s in plan.output_spec])
 
-    def accepts(self, action: Action, probe: Any, record_ranges: set, record_attn: set) -> bool:
+    def accepts(self, request: GraphRequest) -> bool:
         """Whether every cut this call reads is kept (else the unfused path runs it)."""
+        action, probe = request.action, request.probe
+        record_ranges, record_attn = request.record.ranges, request.record.attn
         if record_ranges and not record_ranges <= self.declared_ranges:
             return False
         if record_attn and not record_attn <= self.attn:
@@ -126,22 +129,13 @@ class FusedPath:
             table = self._tables[sig] = [None] * self.num_stages
         hit = table[i]
         if hit is None:
-            hit = table[i] = (runner.engine.get(stage, args), runner._count_flops(stage, args))
+            hit = table[i] = (runner.engine.get(stage, args), runner.stage_flops(stage, args))
         return hit
 
-    def run(
-        self,
-        runner: Any,
-        args: Sequence[Any],
-        sig: int,
-        action: Action,
-        residuals: Callable[[tuple[int, int]], list[torch.Tensor]],
-        cached_attn: dict[int, list[torch.Tensor]],
-        record_ranges: set[tuple[int, int]],
-        record_attn: set[int],
-        probe: Any,
-    ) -> tuple[tuple[Any, ...] | None, int, dict, dict]:
+    def run(self, runner: Any, args: Sequence[Any], sig: int, request: GraphRequest) -> tuple[tuple[Any, ...] | None, int, dict, dict]:
         """``StageRunner.run_graph`` over the groups (same arguments, same results)."""
+        action, residuals, cached_attn, probe = request.action, request.residuals, request.attention, request.probe
+        record_ranges, record_attn = request.record.ranges, request.record.attn
         if self.direct is not None:  # one graph: ``accepts`` let only FULL calls without probe in
             fn, flops = self._resolve(runner, sig, 0, self.runs[0].stage, args)
             return self.direct(fn(*args)), flops, _NOTHING, _NOTHING
@@ -221,7 +215,7 @@ class FusedPath:
         stage_args.insert(prev_at, previous)
         hit = self._probe_tables.get(sig)
         if hit is None or hit[0] is not stage:
-            hit = self._probe_tables[sig] = (stage, runner.engine.get(stage, stage_args), runner._count_flops(stage, stage_args))
+            hit = self._probe_tables[sig] = (stage, runner.engine.get(stage, stage_args), runner.stage_flops(stage, stage_args))
         outs = hit[1](*stage_args)
         n = run.probe_n
         for slot, value in zip(stage.outputs[:n], outs):

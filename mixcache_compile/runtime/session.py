@@ -1,63 +1,39 @@
 """``CacheSession``: the state of one denoising run, kept outside every compiled graph.
 
-It holds the step/branch tracker, the policy, the owned cache buffers, the decision trace and
-the statistics. Python state in the callable a backend returns is not guarded by Dynamo, so
-keeping it here (never on the ``nn.Module``) is what keeps the graph free of recompiles.
+It holds the step/branch tracker, the policy, the cache records (``records.py``), the
+decision trace and the statistics (``accounting.py``). Python state in the callable a
+backend returns is not guarded by Dynamo, so keeping it here (never on the ``nn.Module``) is
+what keeps the graph free of recompiles. What each action reads, needs and records is its
+description (``policies/actions.py``, Note [action table]); this file runs it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import threading
 import warnings
-from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from ..policies import DEFAULT_POLICY, PolicyConfig, make_policy
-from ..policies.protocol import COND_HALF, FULL, Action, ActionKind, CacheNeeds, CallReport, Observation, Policy
-from .cache_store import CacheStore
+from ..policies.actions import Cache, CacheRef, ActionSpec, Runs, describe
+from ..policies.base import hooks_of
+from ..policies.protocol import COND_HALF, FULL, Action, ActionKind, CacheNeeds, Observation, Policy, Recorded
+from .accounting import Accounting, Call, TraceEntry
+from .actions import Situation, refusal
 from .context import CallContext, CallPosition, StepTracker
-from .distributed import agree_all, reduce_mean, reduce_ratio
-from .executor import ProbeRun
-from .host_flags import FiniteFlag
+from .distributed import reduce_ratio
+from .records import CacheRecords
+from .request import NOTHING, GraphRequest, OnDemand, ProbeRun, RecordSet
 from .trace_log import DEFAULT_TRACE_LIMIT, TraceLog
-from .parts import OnDemand, part_missing, part_prefixes
-
-log = logging.getLogger(__name__)
 
 _CFG_MODES = ("auto", "separate", "batched", "none")
-
-
-@dataclass(frozen=True)
-class TraceEntry:
-    """One decision: which call, what the policy asked, what ran and why if it differs."""
-
-    generation: int
-    step: int | None
-    branch: str
-    action: str
-    requested: str
-    fallback: str | None = None
-    indicator: float | None = None
-
-
-@dataclass
-class _Call:
-    """The decision state of the call in progress (a probe may change it mid-call)."""
-
-    pos: CallPosition
-    obs: Observation | None
-    requested: Action = FULL
-    action: Action = FULL
-    reason: str | None = None
-    indicator: float | None = None
-    deviations: dict[str, torch.Tensor] = field(default_factory=dict)
+# A hook run at the start of every call, before the session changes any state:
+# ``hook(runner, flat_args, context)`` (export capture records the calls with it).
+CallHook = Callable[[Any, Sequence[Any], "CallContext | None"], None]
 
 
 class CacheSession:
@@ -89,34 +65,58 @@ class CacheSession:
             if sorted(order) != ["cond", "uncond"]:
                 raise ValueError(f"{name} must be ('cond', 'uncond') in some order, got {order!r}")
         self.policy: Policy = make_policy(policy, **policy_options)
+        self._hooks = hooks_of(self.policy)  # the optional hooks, defaults filled in once
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite must be a bool, got {check_finite!r}")
-        self.check_finite = check_finite
+        self._records = CacheRecords(check_finite)
+        self._store = self._records.store
         self.cfg = cfg
         self.batch_order = tuple(batch_order)
         self._tracker = StepTracker(cfg, tuple(branch_order))
-        self._store = CacheStore()
-        self._finite: dict[tuple, FiniteFlag] = {}  # Note [finite flags off the per-call path]
         self._local = threading.local()
         self._runner: Any = None
-        self._needs: CacheNeeds | None = None
+        self._needs = CacheNeeds()
+        self._record_set = NOTHING  # what computed calls record, from the needs (built once per bind)
+        self._call_hooks: list[CallHook] = []
+        self._accounting = Accounting()
         self._warned: set[str] = set()
         # The ranks that share one sequence (Note [rank-consistent decisions]); None = world.
         # Set by mixcache_compile.parallel for models with diffusers context parallelism.
         self.process_group: Any = None
         self.trace: TraceLog[TraceEntry] = TraceLog(trace_limit)
         self.generation = 0
-        self._reset_counters()
+        self._reset_position()
 
     # ---- public API --------------------------------------------------------------------
+    @property
+    def check_finite(self) -> bool:
+        return self._records.check_finite
+
+    @check_finite.setter
+    def check_finite(self, value: bool) -> None:
+        self._records.check_finite = value
+
     def reset(self) -> None:
         """Forget the current generation: caches freed, tracker and policy reset."""
-        self._store.clear()
-        self._finite.clear()
+        self._records.clear()
         self._tracker.reset()
         self.policy.reset()
         self._signature = None
         self._computed_this_step: set[str] = set()
+
+    def add_call_hook(self, hook: CallHook) -> None:
+        """Run ``hook(runner, flat_args, context)`` at the start of every call (before the
+        session changes any state). ``context``: ``current_context()`` at that call."""
+        self._call_hooks.append(hook)
+
+    def current_context(self) -> CallContext | None:
+        """What ``set_context`` / ``context`` said about the next call(s) on this thread."""
+        return getattr(self._local, "ctx", None)
+
+    def expects_batch(self) -> bool:
+        """Whether the next call carries both CFG branches in one batch."""
+        ctx = self.current_context()
+        return bool((ctx is not None and ctx.batched) or self.cfg == "batched")
 
     def set_context(
         self,
@@ -145,24 +145,16 @@ class CacheSession:
             self._local.ctx = previous
 
     def stats(self) -> dict[str, Any]:
-        run, full = self._flops_run, self._flops_full
+        counted, store = self._accounting.stats(), self._store
         return {
-            "calls": self._calls,
-            "computed_fraction": run / full if full else 1.0,
-            "flops_run": run,
-            "flops_full": full,
-            "actions": dict(self._actions),
-            "fallbacks": dict(self._fallbacks),
-            "non_finite": self._non_finite_count,
-            # Calls under torch.compile that never reached this session (Note [bypass detector]).
-            "bypassed_calls": self._bypassed_calls,
-            "generations": self.generation + (1 if self._calls else 0),
-            "cache_bytes": self._store.nbytes(),
-            "cache_peak_bytes": self._store.peak_bytes,
-            "cache_allocations": self._store.allocations,
-            # Note [accounting never breaks a call]: stages not counted on fake tensors.
-            "flops_unknown": {n: r.note for n, r in self._flop_notes.items() if r.flops is None},
-            "flops_from_real_tensors": sorted(n for n, r in self._flop_notes.items() if r.flops is not None),
+            **{k: counted[k] for k in ("calls", "computed_fraction", "flops_run", "flops_full", "actions", "fallbacks",
+                                       "non_finite", "bypassed_calls")},
+            "generations": self.generation + (1 if counted["calls"] else 0),
+            "cache_bytes": store.nbytes(),
+            "cache_peak_bytes": store.peak_bytes,
+            "cache_allocations": store.allocations,
+            "flops_unknown": counted["flops_unknown"],
+            "flops_from_real_tensors": counted["flops_from_real_tensors"],
             "trace_dropped": self.trace.dropped,
             # stage graphs a full call runs (after fusion by need, passes/fuse.py)
             "stages": self._runner.stage_count() if self._runner is not None else None,
@@ -177,19 +169,13 @@ class CacheSession:
 
     def reset_stats(self) -> None:
         """Zero the statistics and the trace (caches and position are kept)."""
-        self._reset_counters()
+        self._accounting.reset()
+        self._reset_position()
         self.trace.clear()
 
+
     # ---- the per-call path (called by StageRunner) ---------------------------------------
-    def _reset_counters(self) -> None:
-        self._calls = 0
-        self._flops_run = 0
-        self._flops_full = 0
-        self._actions: Counter[str] = Counter()
-        self._fallbacks: Counter[str] = Counter()
-        self._non_finite_count = 0
-        self._flop_notes: dict[str, Any] = {}
-        self._bypassed_calls = 0
+    def _reset_position(self) -> None:
         self._signature: tuple | None = None
         self._computed_this_step = set()
         self._step: int | None = None
@@ -206,30 +192,37 @@ class CacheSession:
             )
         if self._runner is not None:
             # A new graph (a recompile after a shape change): caches of the old one are stale.
-            self._store.clear()
+            self._records.clear()
         self._runner = runner
         self._needs = self.policy.needs(runner.model_info)
+        self._records.needs = self._needs
+        self._record_set = RecordSet.of(self._needs)
+        runner.set_needs(self._needs)
 
     def _run_call(self, runner: Any, args: Sequence[Any]) -> tuple[Any, ...]:
+        ctx = self.current_context()
+        for hook in self._call_hooks:
+            hook(runner, args, ctx)
         self._bind(runner)
-        ctx = getattr(self._local, "ctx", None)
         explicit_step = ctx is not None and ctx.step_index is not None
         pos = self._tracker.resolve(ctx, None if explicit_step else runner.inputs.timestep_value(args))
         if pos.new_generation:
             self._new_generation()
         sig = runner.inputs.user_signature(args)
         if self._signature is not None and sig != self._signature:
-            self._store.clear()  # shape/dtype changed: nothing cached may be reused
+            self._records.clear()  # shape/dtype changed: nothing cached may be reused
             self._warn_once("signature", "input shapes or dtypes changed mid-generation: caches dropped, computing in full")
         self._signature = sig
         if pos.step is not None and pos.step != self._step:
             self._computed_this_step = set()
         self._step = pos.step
-        call = _Call(pos, self._observation(pos))
+        call = Call(pos, self._observation(pos))
         call.requested, call.action, call.reason = self._decide(runner, call)
         sig_id = runner.intern(sig)
         outputs, flops = self._execute(runner, args, sig_id, call)
-        self._account(runner, args, sig_id, call, flops)
+        report = self._accounting.account(call, flops, runner.full_flops(args, sig_id), runner.flop_notes, self.generation,
+                                          self.trace, self.process_group)
+        self._hooks.observe(report)
         return tuple(outputs)
 
     def _observation(self, pos: CallPosition) -> Observation | None:
@@ -242,17 +235,18 @@ class CacheSession:
             cfg="batched" if pos.branch == "batch" else ("none" if self.cfg == "none" else "separate"),
             generation=self.generation,
             computed_this_step=frozenset(self._computed_this_step),
+            recorded=dict(self._records.recorded),
         )
 
     def _new_generation(self) -> None:
         self.generation += 1
-        self._store.clear()
-        self._finite.clear()
+        self._records.clear()
         self.policy.reset()
         self._computed_this_step = set()
         self._signature = None  # a new shape in a new generation is not a mid-generation change
 
-    def _decide(self, runner: Any, call: _Call) -> tuple[Action, Action, str | None]:
+    # ---- decision ------------------------------------------------------------------------
+    def _decide(self, runner: Any, call: Call) -> tuple[Action, Action, str | None]:
         if call.obs is None:
             self._warn_once("nostep", "no step context and no timestep input: every call computes in full")
             return FULL, FULL, "no step information"
@@ -263,282 +257,152 @@ class CacheSession:
         return requested, (FULL if reason else requested), reason
 
     def _unavailable(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None = None) -> str | None:
-        """Why ``action`` cannot run now (then the call computes in full), or None."""
-        reason = self._missing(runner, pos, action, after_probe)
-        if reason is None and self.check_finite:
-            reason = self._non_finite(pos.branch, action)
+        """Why ``action`` cannot run now (then the call computes in full), or None: the first
+        requirement of its description that fails, then Note [non-finite caches]: a NaN/Inf
+        in a tensor it would read (the next computed call overwrites the cache)."""
+        spec = describe(action, pos.branch)
+        now = Situation(self._records, runner.model_info, pos.step, after_probe, lambda: self._probe_refusal(runner))
+        reason = refusal(spec, now)
+        if reason is None and self.check_finite and not self._records.all_finite(spec.reads, self.process_group):
+            self._accounting.non_finite += 1
+            reason = "non-finite cached tensor"
         return reason
 
-    def _non_finite(self, branch: str, action: Action) -> str | None:
-        """Note [non-finite caches]: a NaN/Inf in a tensor an action would reuse makes the call
-        compute in full (and the next computed call overwrites the cache). The flags were
-        computed when the tensors were stored (Note [finite flags off the per-call path])."""
-        kind = action.kind
-        if kind is ActionKind.STEP:
-            prefixes = [("out", branch), ("fresh_prev", branch)]
-        elif kind is ActionKind.CFG:
-            prefixes = [("delta",)] + ([("out", "cond")] if branch == "uncond" else [])
-            if branch == "batch":
-                prefixes += part_prefixes(COND_HALF, action.part)
-        elif kind in (ActionKind.BLOCK, ActionKind.ATTN):
-            prefixes = part_prefixes(branch, action)
-        else:
-            return None
-        all_finite = True
-        for prefix in prefixes:
-            tensors = self._cached_list(prefix)
-            if not tensors:
-                continue
-            flag = self._finite.get(prefix)
-            if flag is None:  # stored by a path that keeps no flag: compute it now (one read)
-                flag = self._finite[prefix] = FiniteFlag(tensors)
-            if not flag.all_finite():
-                all_finite = False
-                break
-        # Note [rank-consistent decisions]: every rank of the group falls back, or none does.
-        if not agree_all(all_finite, self.process_group):
-            self._non_finite_count += 1
-            return "non-finite cached tensor"
-        return None
+    def _probe_refusal(self, runner: Any) -> str | None:
+        probe = self._needs.probe
+        if probe is None:
+            return f"policy {self.policy.name!r} asked for a probe but declares none in needs()"
+        return runner.probe_available(probe.kind, probe.blocks)
 
-    def _missing(self, runner: Any, pos: CallPosition, action: Action, after_probe: int | None) -> str | None:
-        """Why the caches ``action`` needs are absent or do not fit, or None."""
-        store, b, info = self._store, pos.branch, runner.model_info
-        kind = action.kind
-        if kind is ActionKind.FULL:
-            return None
-        if kind is ActionKind.PROBE:
-            probe = (self._needs or CacheNeeds()).probe
-            if after_probe is not None:
-                return "a probe cannot ask for another probe"
-            if probe is None:
-                return f"policy {self.policy.name!r} asked for a probe but declares none in needs()"
-            return runner.probe_available(probe.kind, probe.blocks)
-        if kind is ActionKind.STEP:
-            return None if store.has(("out", b, 0)) else "no cached output for this branch"
-        if kind is ActionKind.CFG:
-            if after_probe is not None:
-                return "CFG reuse cannot follow a probe"
-            if b == "cond":
-                return "CFG reuse applies to the unconditional branch"
-            if not store.has(("delta", 0)):
-                return "no cached CFG difference"
-            if b == "uncond":  # Note [action table]: a part is moot on a separate uncond call
-                return None if "cond" in self._computed_this_step else "cond branch not computed at this step"
-            if not info.half_batch_available:
-                return "half batch unavailable (batch dim not symbolic)"
-            reason = part_missing(self._store, info, COND_HALF, action.part, None)
-            return None if reason is None else f"cond half: {reason}"
-        if kind in (ActionKind.BLOCK, ActionKind.ATTN):
-            return part_missing(self._store, info, b, action, after_probe)
-        return f"unknown action {action}"
+    def _probe_run(self, runner: Any, call: Call) -> ProbeRun:
+        probe = self._needs.probe
+        previous = self._records.values(CacheRef(Cache.PROBE, call.pos.branch))
+        return ProbeRun(probe.kind, probe.blocks, previous[0] if previous else None, _ProbeDecision(self, runner, call))
 
-    # ---- execution -----------------------------------------------------------------------
-    def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: _Call) -> tuple[list[Any], int]:
-        b, action = call.pos.branch, call.action
-        if action.kind is ActionKind.STEP:
-            return self._reused_outputs(b, call.obs), 0
-        if action.kind is ActionKind.CFG and b == "uncond":
-            outs = [self._rebuild_uncond(c, i, call.obs) for i, c in enumerate(self._cached_list(("out", "cond")))]
-            self._record_outputs(b, outs, computed=False, call=call)
+    # ---- execution: what the action's description says it runs ----------------------------
+    def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: Call) -> tuple[list[Any], int]:
+        b, obs = call.pos.branch, call.obs
+        spec = describe(call.action, b)
+        if spec.runs is Runs.NOTHING:
+            return self._reused_outputs(b, obs), 0
+        if spec.runs is Runs.REBUILD:
+            outs = [self._rebuild_uncond(c, i, obs) for i, c in enumerate(self._records.values(CacheRef(Cache.OUTPUT, "cond")))]
+            self._record_outputs(b, outs, call, spec)
             return outs, 0
-        needs = self._needs or CacheNeeds()
-        if action.kind is ActionKind.CFG:  # batched: compute the cond half only, as its part says
-            part = self.batch_order.index("cond")
-            half = runner.inputs.half_batch_args(args, part)
-            inner = action.part
-            attn = {g: self._attention_for(COND_HALF, g, call.obs) for g in inner.attn_blocks}
-            ranges, blocks = (needs.ranges, needs.attn_blocks) if needs.cond_half else (set(), set())
-            cond, flops, new_res, new_attn = runner.run_graph(
-                half, runner.intern(runner.inputs.user_signature(half)), inner, self._residuals_of(COND_HALF), attn, ranges, blocks
-            )
-            self._record_internal(COND_HALF, new_res, new_attn, call, deviations=False)
-            outs = []
-            for i, c in enumerate(cond):
-                if not isinstance(c, torch.Tensor):
-                    outs.append(c)
-                    continue
-                u = self._rebuild_uncond(c, i, call.obs)
-                outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
-            self._record_outputs(b, outs, computed=False, call=call)
-            return outs, flops
+        if spec.runs is Runs.HALF:
+            return self._execute_half(runner, args, call, spec)
         attn: dict[int, list[torch.Tensor]]
-        if action.kind is ActionKind.ATTN:
-            attn = {g: self._attention_for(b, g, call.obs) for g in action.attn_blocks}
+        if spec.reuses_attention:
+            attn = {g: self._attention_for(b, g, obs) for g in spec.reuses_attention}
         else:  # a prologue probe may pick ATTN: fetch what it picks when the blocks ask
-            attn = OnDemand(lambda g: self._attention_for(b, g, call.obs))
-        probe = self._probe_run(runner, call) if action.kind is ActionKind.PROBE else None
-        outs, flops, new_res, new_attn = runner.run_graph(
-            args, sig, FULL if probe else action, self._residuals_of(b), attn, needs.ranges, needs.attn_blocks, probe
-        )
-        self._record_internal(b, new_res, new_attn, call, deviations=True)
-        if b == "batch" and needs.cond_half:
-            self._record_cond_half(new_res, new_attn, call)
+            attn = OnDemand(lambda g: self._attention_for(b, g, obs))
+        probe = self._probe_run(runner, call) if spec.runs is Runs.PROBE else None
+        request = GraphRequest(FULL if probe else call.action, b, self._residuals_of(b), attn, self._record_set, probe)
+        outs, flops, new_res, new_attn = runner.run_graph(args, sig, request)
+        stamp = Recorded(call.pos.step, True, call.action.kind is ActionKind.FULL)
+        self._records.record_internal(b, new_res, new_attn, stamp, call.deviations)
+        if b == "batch" and self._needs.cond_half:
+            self._records.record_cond_half(self.batch_order.index("cond"), new_res, new_attn, stamp)
         if outs is None:  # a probe decided to reuse the whole call
-            return self._reused_outputs(b, call.obs), flops
-        self._record_outputs(b, outs, computed=True, call=call)
+            return self._reused_outputs(b, obs), flops
+        self._record_outputs(b, outs, call, describe(call.action, b))
         self._computed_this_step.add(b)
         return outs, flops
 
-    def _record_internal(self, branch: str, new_res: dict, new_attn: dict, call: _Call, deviations: bool) -> None:
-        """Keep the residuals and attention outputs a call computed, under ``branch``."""
-        needs = self._needs or CacheNeeds()
-        for rng, values in new_res.items():
-            if deviations:
-                self._deviation(call, f"block:{rng[0]}-{rng[1]}", values[0], ("res", branch, *rng, 0))
-            self._put_list(("res", branch, *rng), values)
-        for g, values in new_attn.items():
-            if needs.history >= 2:
-                for i in range(len(values)):
-                    self._store.rotate(("attn", branch, g, i), ("attn_prev", branch, g, i))
-            self._put_list(("attn", branch, g), values)
+    def _execute_half(self, runner: Any, args: Sequence[Any], call: Call, spec: ActionSpec) -> tuple[list[Any], int]:
+        """A batch call that computes the cond half as the action's part says and rebuilds
+        the uncond half from it."""
+        part, inner = self.batch_order.index("cond"), spec.part
+        half = runner.inputs.half_batch_args(args, part)
+        attn = {g: self._attention_for(COND_HALF, g, call.obs) for g in inner.reuses_attention}
+        record = self._record_set if self._needs.cond_half else NOTHING
+        request = GraphRequest(inner.action, COND_HALF, self._residuals_of(COND_HALF), attn, record)
+        cond, flops, new_res, new_attn = runner.run_graph(half, runner.intern(runner.inputs.user_signature(half)), request)
+        stamp = Recorded(call.pos.step, True, inner.action.kind is ActionKind.FULL)
+        self._records.record_internal(COND_HALF, new_res, new_attn, stamp, None)
+        outs = []
+        for i, c in enumerate(cond):
+            if not isinstance(c, torch.Tensor):
+                outs.append(c)
+                continue
+            u = self._rebuild_uncond(c, i, call.obs)
+            outs.append(torch.cat([u, c] if part == 1 else [c, u], dim=0))
+        self._record_outputs(call.pos.branch, outs, call, spec)
+        return outs, flops
 
-    def _record_cond_half(self, new_res: dict, new_attn: dict, call: _Call) -> None:
-        """A full batch call also feeds the cond half's history (Note [action table]). Every
-        recorded tensor is batch-first with both halves; one that is not is left out (its
-        composite action then falls back for want of a cache, never reading a wrong slice)."""
-        part = self.batch_order.index("cond")
+    def _record_outputs(self, branch: str, outs: list[Any], call: Call, spec: ActionSpec) -> None:
+        """Keep the call's output as its description says (computed or rebuilt); a computed
+        one also refreshes the CFG difference from the two branches of one step (never from
+        a rebuilt branch)."""
+        computed = spec.output == "computed"
+        stamp = Recorded(call.pos.step, computed, computed and call.action.kind is ActionKind.FULL)
+        deltas, delta_stamp = None, None
+        if self._needs.cfg_delta and spec.records_delta:
+            tensors = [o for o in outs if isinstance(o, torch.Tensor)]
+            cond_ref = CacheRef(Cache.OUTPUT, "cond")
+            if branch == "uncond" and self._records.fresh(cond_ref, call.pos.step):
+                deltas = [u - c for u, c in zip(tensors, self._records.values(cond_ref))]
+                delta_stamp = Recorded(call.pos.step, True, stamp.exact and self._records.recorded[cond_ref.name].exact)
+            elif branch == "batch":
+                part = self.batch_order.index("cond")
+                deltas = [halves[1 - part] - halves[part] for halves in (o.chunk(2, dim=0) for o in tensors)]
+                delta_stamp = stamp
+        self._records.record_outputs(branch, outs, stamp, deltas, delta_stamp, call.deviations)
 
-        def halves(values: list[torch.Tensor]) -> list[torch.Tensor] | None:
-            if not all(isinstance(v, torch.Tensor) and v.dim() and v.shape[0] % 2 == 0 for v in values):
-                return None
-            return [v.chunk(2, dim=0)[part] for v in values]
-
-        res = {rng: h for rng, v in new_res.items() if (h := halves(v)) is not None}
-        attn = {g: h for g, v in new_attn.items() if (h := halves(v)) is not None}
-        self._record_internal(COND_HALF, res, attn, call, deviations=False)
-
-    def _probe_run(self, runner: Any, call: _Call) -> ProbeRun:
-        probe = self._needs.probe
-        key = ("probe", call.pos.branch)
-
-        def decide(indicator: torch.Tensor, value: torch.Tensor) -> Action:
-            # [numerator, denominator] of a rel-L1, summed over ranks, then one device fetch.
-            num, den = reduce_ratio(indicator, value.numel(), self.process_group)
-            call.indicator = num / den if den else (math.inf if num else math.nan)
-            if math.isnan(call.indicator):  # Note [non-finite caches]: no decision on a NaN
-                self._non_finite_count += 1
-                call.requested, call.action, call.reason = FULL, FULL, "non-finite indicator"
-                return FULL
-            requested = self.policy.after_probe(call.obs, call.indicator)
-            if not isinstance(requested, Action):
-                raise TypeError(f"policy {self.policy.name!r} after_probe returned {requested!r}, not an Action")
-            limit = probe.blocks if probe.kind == "blocks" else 0
-            reason = self._unavailable(runner, call.pos, requested, after_probe=limit)
-            call.requested, call.action, call.reason = requested, (FULL if reason else requested), reason
-            if probe.update == "always" or call.action.kind is ActionKind.FULL:
-                self._store.put(key, value)
-            return call.action
-
-        return ProbeRun(probe.kind, probe.blocks, self._store.get(key), decide)
-
-    def _residuals_of(self, branch: str) -> Any:
-        return lambda rng: self._cached_list(("res", branch, *rng))
+    def _residuals_of(self, branch: str) -> Callable[[tuple[int, int]], list[torch.Tensor]]:
+        return lambda rng: self._records.values(CacheRef(Cache.RESIDUAL, branch, rng))
 
     def _attention_for(self, branch: str, block: int, obs: Observation | None) -> list[torch.Tensor]:
-        current = self._cached_list(("attn", branch, block))
-        hook = getattr(self.policy, "reuse_attention", None)
-        if hook is None:
-            return current
-        previous = self._cached_list(("attn_prev", branch, block)) or None
-        return list(hook(block, current, previous, obs))
+        current = self._records.values(CacheRef(Cache.ATTENTION, branch, (block,)))
+        previous = self._records.values(CacheRef(Cache.ATTENTION_PREV, branch, (block,))) or None
+        return list(self._hooks.reuse_attention(block, current, previous, obs))
 
     def _reused_outputs(self, branch: str, obs: Observation | None) -> list[Any]:
-        hook = getattr(self.policy, "reuse_output", None)
-        needs = self._needs or CacheNeeds()
-        if hook is not None and needs.history >= 2:
-            current = self._cached_list(("fresh", branch)) or self._cached_list(("out", branch))
-            previous = self._cached_list(("fresh_prev", branch)) or None
-            return list(hook(current, previous, obs))
-        # A clone, so a caller that modifies what it is returned cannot corrupt the cache.
-        return [t.clone() for t in self._cached_list(("out", branch))]
-
-    def _record_outputs(self, branch: str, outs: list[Any], computed: bool, call: _Call) -> None:
-        """Keep this branch's output (for STEP and CFG reuse); on computed calls, refresh the
-        CFG difference from the two branches of one step (never from a rebuilt branch)."""
-        needs = self._needs or CacheNeeds()
-        if not (needs.outputs or needs.cfg_delta or needs.deviations):
-            return
-        tensors = [o for o in outs if isinstance(o, torch.Tensor)]
-        if computed and tensors:
-            self._deviation(call, "step", tensors[0], ("fresh" if needs.history >= 2 else "out", branch, 0))
-        self._put_list(("out", branch), outs)
-        if computed and needs.history >= 2:
-            for i in range(len(tensors)):
-                self._store.rotate(("fresh", branch, i), ("fresh_prev", branch, i))
-            previous = self._finite.pop(("fresh", branch), None)
-            if previous is not None:
-                self._finite[("fresh_prev", branch)] = previous
-            self._put_list(("fresh", branch), outs)
-        if not (needs.cfg_delta and computed):
-            return
-        if branch == "uncond" and "cond" in self._computed_this_step:
-            cond = self._cached_list(("out", "cond"))
-            deltas = [u - c for u, c in zip(tensors, cond)]
-        elif branch == "batch":
-            part = self.batch_order.index("cond")
-            deltas = [halves[1 - part] - halves[part] for halves in (o.chunk(2, dim=0) for o in tensors)]
+        values = self._records.values
+        if self._needs.history >= 2:
+            current = values(CacheRef(Cache.COMPUTED, branch)) or values(CacheRef(Cache.OUTPUT, branch))
+            previous = values(CacheRef(Cache.OUTPUT_PREV, branch)) or None
         else:
-            return
-        if deltas:
-            self._deviation(call, "cfg", deltas[0], ("delta", 0))
-        self._put_list(("delta",), deltas)
-
-    def _deviation(self, call: _Call, name: str, new: torch.Tensor, old_key: tuple) -> None:
-        """rel-L1 of a freshly recorded tensor against its previous fresh copy (kept on the
-        device; all of a call's deviations are fetched together once in ``_account``)."""
-        if not (self._needs and self._needs.deviations):
-            return
-        old = self._store.get(old_key)
-        if old is not None and old.shape == new.shape:
-            call.deviations[name] = (new - old).abs().mean() / (old.abs().mean() + 1e-12)
+            current, previous = values(CacheRef(Cache.OUTPUT, branch)), None
+        return list(self._hooks.reuse_output(current, previous, obs))
 
     def _rebuild_uncond(self, cond: Any, i: int, obs: Observation | None) -> Any:
-        """Default CFG rebuild: ``eps_u = eps_c + (eps_u - eps_c)`` from the last step that computed both.
-        Policies with another rule (FasterCache's frequency split) provide ``rebuild_uncond``."""
+        """The uncond output from the cond one and the CFG difference of the last step that
+        computed both (the policy's ``rebuild_uncond``; default ``cond + delta``)."""
         if not isinstance(cond, torch.Tensor):
             return cond
-        delta = self._store.get(("delta", i))
-        custom = getattr(self.policy, "rebuild_uncond", None)
-        return custom(cond, delta, obs) if custom else cond + delta
-
-    def _cached_list(self, prefix: tuple) -> list[torch.Tensor]:
-        values, i = [], 0
-        while (t := self._store.get((*prefix, i))) is not None:
-            values.append(t)
-            i += 1
-        return values
-
-    def _put_list(self, prefix: tuple, values: list[Any]) -> None:
-        tensors = [v for v in values if isinstance(v, torch.Tensor)]
-        for i, v in enumerate(tensors):
-            self._store.put((*prefix, i), v)
-        if self.check_finite and tensors:
-            self._finite[prefix] = FiniteFlag(tensors)
-
-    def _account(self, runner: Any, args: Sequence[Any], sig: int, call: _Call, flops: int) -> None:
-        action, requested, reason = call.action, call.requested, call.reason
-        if action.kind is ActionKind.FULL and call.indicator is None and sig not in runner._full_flops:
-            runner._full_flops[sig] = flops
-        self._calls += 1
-        self._flops_run += flops
-        self._flops_full += runner.full_flops(args, sig)
-        if runner.flop_notes:
-            self._flop_notes.update(runner.flop_notes)
-        self._actions[action.kind.value] += 1
-        if reason:
-            self._fallbacks[reason] += 1
-            if requested.kind is not ActionKind.FULL:
-                log.info("step %s %s: %s -> FULL (%s)", call.pos.step, call.pos.branch, requested, reason)
-        pos = call.pos
-        self.trace.append(TraceEntry(self.generation, pos.step, pos.branch, str(action), str(requested), reason, call.indicator))
-        observe = getattr(self.policy, "observe", None)
-        if observe is not None:
-            names = list(call.deviations)
-            values = reduce_mean(torch.stack([call.deviations[n].float() for n in names]), self.process_group).tolist() if names else []
-            observe(CallReport(pos.step, pos.branch, action, reason, call.indicator, dict(zip(names, values))))
+        return self._hooks.rebuild_uncond(cond, self._records.get(CacheRef(Cache.DELTA), i), obs)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(f"mixcache: {message}", stacklevel=3)
+
+
+class _ProbeDecision:
+    """The ``ProbeRun.decide`` of one call: the indicator's rel-L1 (summed over ranks, one
+    device fetch), the policy's ``after_probe``, and the action's availability after the
+    probe point; stores the probe's value as the policy's ``Probe.update`` says."""
+
+    def __init__(self, session: CacheSession, runner: Any, call: Call) -> None:
+        self.session, self.runner, self.call = session, runner, call
+
+    def __call__(self, indicator: torch.Tensor, value: torch.Tensor) -> Action:
+        session, call = self.session, self.call
+        probe = session._needs.probe
+        num, den = reduce_ratio(indicator, value.numel(), session.process_group)
+        call.indicator = num / den if den else (math.inf if num else math.nan)
+        if math.isnan(call.indicator):  # Note [non-finite caches]: no decision on a NaN
+            session._accounting.non_finite += 1
+            call.requested, call.action, call.reason = FULL, FULL, "non-finite indicator"
+            return FULL
+        requested = session._hooks.after_probe(call.obs, call.indicator)
+        if not isinstance(requested, Action):
+            raise TypeError(f"policy {session.policy.name!r} after_probe returned {requested!r}, not an Action")
+        limit = probe.blocks if probe.kind == "blocks" else 0
+        reason = session._unavailable(self.runner, call.pos, requested, after_probe=limit)
+        call.requested, call.action, call.reason = requested, (FULL if reason else requested), reason
+        if probe.update == "always" or call.action.kind is ActionKind.FULL:
+            # its finiteness shows in the next indicator: no flag kept
+            session._records.put(CacheRef(Cache.PROBE, call.pos.branch), [value], Recorded(call.pos.step, True, True), flag=False)
+        return call.action
