@@ -123,7 +123,7 @@ def mark_batch_dynamic(session: CacheSession) -> Callable[[torch.nn.Module, tupl
     """
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        ctx = getattr(session._local, "ctx", None)
+        ctx = session.current_context()
         if not ((ctx is not None and ctx.batched) or session.cfg == "batched"):
             return
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]

@@ -28,22 +28,9 @@ PACKAGE = "mixcache_compile"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 MAX_LINES = 500
 
-# Known violations on this branch, each (file, rule, name). Everything here is what the
-# runtime-contract work of issue #9 (another branch) removes: export/ and the wiring stop
-# reading session._local and overriding runner/session privates once the runtime has public
-# extension points, and runtime/session.py is split below 500 lines.
-# removed when the runtime contract of #9 lands
-ALLOWED: set[tuple[str, str, str]] = {
-    ("runtime/session.py", "size", ""),
-    ("wiring.py", "runtime-private", "_local"),
-    ("export/capture.py", "runtime-private", "_local"),
-    ("export/capture.py", "runtime-override", "_run_call"),
-    ("export/capture.py", "runtime-private", "_run_call"),
-    ("export/exporter.py", "runtime-private", "_probe_variant"),
-    ("export/runtime.py", "runtime-override", "_count_flops"),
-    ("export/runtime.py", "runtime-override", "_probe_variant"),
-    ("export/runtime.py", "runtime-private", "_full_flops"),
-}
+# Known violations, each (file, rule, name): none. An entry added here must say why it cannot
+# be fixed now; test_allowlist_has_no_stale_entries keeps the list honest.
+ALLOWED: set[tuple[str, str, str]] = set()
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ class CallPosition:
     new_generation: bool
 
 
-_BRANCH_NAMES = {"cond": "cond", "uncond": "uncond", "negative": "uncond", "positive": "cond"}
+from ..branches import SEPARATE_CONTEXT_BRANCHES as _BRANCH_NAMES  # the one branch-name table
 
 
 class StepTracker:
