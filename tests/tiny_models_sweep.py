@@ -175,6 +175,9 @@ SPECS.update(_video_specs)
 SPECS.update(_extra_specs)
 NOT_SWEPT.update(_extra_not_swept)
 
+# The classes the sweep test runs by default (the others are marked slow; see the test's docstring).
+DEFAULT: set[str] = {"DiTTransformer2DModel"}
+
 
 def build(name: str) -> tuple[torch.nn.Module, Callable[[int], dict[str, Any]]]:
     import diffusers

@@ -73,7 +73,8 @@ SPECS: dict[str, SweepSpec] = {
          "axes_dims_rope": [0, 4, 4]},
         lambda s: {"hidden_states": r(s, 1, 16, 4), "encoder_hidden_states": r(s + 50, 1, 8, 16), "img_ids": torch.zeros(16, 3),
                    "txt_ids": torch.zeros(8, 3), "timestep": t(s) / 1000,
-                   "text_encoder_layers": [r(s + 1, 1, 8, 8), r(s + 2, 1, 8, 8)], "return_dict": False}),
+                   # one text-encoder layer per block (2 dual-stream + 1 single-stream)
+                   "text_encoder_layers": [r(s + i, 1, 8, 8) for i in (1, 2, 3)], "return_dict": False}),
     "ErnieImageTransformer2DModel": SweepSpec(
         {"hidden_size": 16, "num_attention_heads": 1, "num_layers": 2, "ffn_hidden_size": 16, "in_channels": 4,
          "out_channels": 4, "patch_size": 1, "text_in_dim": 16, "rope_theta": 256, "rope_axes_dim": (8, 4, 4)},
