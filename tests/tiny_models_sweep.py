@@ -175,8 +175,24 @@ SPECS.update(_video_specs)
 SPECS.update(_extra_specs)
 NOT_SWEPT.update(_extra_not_swept)
 
-# The classes the sweep test runs by default (the others are marked slow; see the test's docstring).
-DEFAULT: set[str] = {"DiTTransformer2DModel"}
+# The classes the sweep test runs by default (the others are marked slow; see the test's
+# docstring): one per planner path, each 5-20 s of Dynamo tracing on one core.
+DEFAULT: set[str] = {
+    "DiTTransformer2DModel",  # one chain
+    "AuraFlowTransformer2DModel",  # two chains; single blocks not skippable
+    "LongCatImageTransformer2DModel",  # dual-stream chain, then single-stream chain
+    "WanVACETransformer3DModel",  # two chains of different lengths
+    "LatteTransformer3DModel",  # falls back: spatial and temporal blocks interleave
+    "GlmImageTransformer2DModel",  # falls back: a boolean-mask write breaks the graph
+    "OmniGenTransformer2DModel",  # falls back: a Python branch on a tensor breaks the graph
+    "Krea2Transformer2DModel",  # plans with a padded boolean text mask (FLOPs still counted)
+    "Kandinsky6SRTransformer3DModel",  # torch.func.vmap inside each block (passes/state_regions.py)
+    "ErnieImageTransformer2DModel",  # shared AdaLN
+    "SanaTransformer2DModel",  # linear attention
+    "QwenImageTransformer2DModel",  # list-of-shapes input
+    "Cosmos3OmniTransformer",  # LLM-style decoder over packed token indexes
+    "MiniMaxMusic3Transformer1DModel",  # audio, 1-D
+}
 
 
 def build(name: str) -> tuple[torch.nn.Module, Callable[[int], dict[str, Any]]]:

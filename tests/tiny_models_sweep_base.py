@@ -16,12 +16,15 @@ class SweepSpec:
     ``marks``: pytest marks for the class's sweep case (e.g. ``slow`` where Dynamo's trace of
     the class takes long even at tiny dims). ``with_model``: ``inputs`` takes the built model as
     a second argument (for inputs only the model can make, such as a class's own RoPE tables).
+    ``flops_unknown``: for a class whose stage FLOPs cannot be counted, a phrase every
+    ``stats()["flops_unknown"]`` note must contain (the known reason); empty: all are counted.
     """
 
     config: dict[str, Any]
     inputs: Callable[..., dict[str, Any]]
     marks: tuple[str, ...] = field(default=())
     with_model: bool = False
+    flops_unknown: str = ""
 
 
 def r(seed: int, *shape: int) -> torch.Tensor:

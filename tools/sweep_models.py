@@ -47,6 +47,9 @@ def describe(name: str) -> str:
     if others:
         print(f"{name}: other mixcache warnings: {sorted(set(others))}", file=sys.stderr)
     extra = f"; other graphs fell back: {_reasons(warns)}" if _reasons(warns) else ""
+    unknown = session.stats()["flops_unknown"]
+    if unknown:
+        extra += f"; FLOPs not countable ({sorted(set(unknown.values()))[0][:120]})"
     return f"| `{name}` | {chains} | {'yes' if single else 'no'} | plans {stages} stages, {equal}{extra} |"
 
 

@@ -73,7 +73,12 @@ def test_each_class_plans_or_falls_back_and_equals_eager(name: str):
     else:
         stats = session.stats()
         assert stats["calls"] >= 2 and stats["computed_fraction"] == 1.0
-        assert not stats["flops_unknown"], stats["flops_unknown"]
+        # FLOP accounting never breaks a call; where it cannot count a stage, stats() says why.
+        expected = SPECS[name].flops_unknown
+        if expected:
+            assert stats["flops_unknown"] and all(expected in note for note in stats["flops_unknown"].values())
+        else:
+            assert not stats["flops_unknown"], stats["flops_unknown"]
 
 
 def test_every_transformer_class_is_swept_or_listed_with_a_reason():
