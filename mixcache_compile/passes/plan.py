@@ -21,6 +21,7 @@ from .attention_cut import attention_outputs, attention_scope, self_attention_pa
 from .find_blocks import BlockChain, NoBlocksFound, find_block_chains
 from .indicator import with_residual_indicator, with_value_indicator
 from .partition import EPILOGUE, PROLOGUE, Segment, assign_segments
+from .state_regions import StateRegionError, keep_regions_whole
 from .stage_graph import StageGraph, build_stage_graph, mutated_inputs
 
 
@@ -109,6 +110,10 @@ def plan_stages(gm: fx.GraphModule, repeated_blocks: list[str] | None = None) ->
     except NoBlocksFound as err:
         raise PlanError(str(err)) from None
     segments = assign_segments(gm, chains)
+    try:
+        keep_regions_whole(gm, segments)  # Note [state regions] in state_regions.py
+    except StateRegionError as err:
+        raise PlanError(f"cannot keep a global-state region inside one stage: {err}") from None
     slot = {n: i for i, n in enumerate(gm.graph.nodes)}
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     by_segment: dict[Segment, list[fx.Node]] = {}
