@@ -193,7 +193,14 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     finally:
         recorder.remove()
     r = {q: sum(d[q] for d in r_all) / len(r_all) for q in COEFFICIENTS}
+    from .fingerprint import fingerprint
+
+    # The sampler's timesteps of the calibration run: the time coordinate of the policy's
+    # step extrapolation (mixcache.py, item 5), interpolated for other step counts.
+    scheduler = getattr(pipe, "scheduler", None)
+    timesteps = [float(t) for t in getattr(scheduler, "timesteps", [])] if scheduler is not None else []
     calib: dict[str, Any] = {
+        "fingerprint": fingerprint(pipe.transformer), "timesteps": timesteps,
         "format": BUDGET_FORMAT, "k": coefficients(r), "rates": r, "sensitivity": SENSITIVITY,
         "savings": savings(pipe, call_kwargs, fn, bn), "rescale": [1.0, 0.0], "threshold": 0.0,
         "target_psnr": target_psnr, "samples": [list(s) for s in samples], "steps": call_kwargs.get("num_inference_steps"),

@@ -383,7 +383,8 @@ def calibrate(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mixcache calibrate", description="Measure MixCache sensitivities I(g) and save them as JSON.")
     p.add_argument("--out", "-o", help="where to write the JSON (default: print it)")
-    p.add_argument("--model", default="zoo", help="'zoo' (the shipped tiny T2V model) or 'module:factory' returning (pipe, call_kwargs)")
+    p.add_argument("--model", default="zoo", help="'zoo' (the shipped tiny T2V model), a shipped model's name (zoo.MODELS: tiny, deep) or "
+                        "'module:factory' returning (pipe, call_kwargs)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps of the calibration run (default 30; 50 with --target-psnr)")
     p.add_argument("--noise", type=float, default=0.1, help="relative size of the injected noise")
     p.add_argument("--at", type=float, nargs="+", default=[0.3, 0.5, 0.7], help="perturbation points (fractions of the steps)")
@@ -407,10 +408,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_target(spec: str, steps: int, prompt: str) -> tuple[Any, dict[str, Any]]:
-    if spec == "zoo":
+    from ..zoo import MODELS
+
+    if spec == "zoo" or spec in MODELS:
         from ..zoo import default_call_kwargs, load_pipeline
 
-        pipe = load_pipeline()
+        pipe = load_pipeline() if spec == "zoo" else load_pipeline(name=spec)
         pipe.set_progress_bar_config(disable=True)
         return pipe, {"prompt": prompt, **default_call_kwargs(num_inference_steps=steps)}
     module, _, factory = spec.partition(":")
