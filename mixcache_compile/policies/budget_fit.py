@@ -22,7 +22,10 @@ model and find the threshold that reaches a target quality on calibration prompt
    searched again with them. (The rates and one-step sensitivities alone under-price the
    partial reuses on the shipped model: CFG reuse looked cheap by them and lost end to end.)
 
-The result is a JSON ``MixCacheConfig(calibration=path)`` loads (``calibration.load_budget``).
+The result is a JSON ``MixCacheConfig(calibration=path)`` loads (``calibration.load_budget``),
+with the sampler's timesteps of the run (the time of the step extrapolation) and the weights'
+fingerprint; shipped models' files live in ``policies/calibrations/NAME.json`` and are picked
+by that fingerprint (Note [calibration per model] in ``mixcache.py``).
 Calibration prompts/seeds are disjoint from the frontier's evaluation ones (held out).
 """
 
