@@ -30,11 +30,12 @@ SHIPPED = sorted(str(p) for p in __import__("pathlib").Path(CALIBRATION_DIR).glo
 class BudgetRule:
     """The controller restated from the docstrings of policies/mixcache.py and budget.py."""
 
-    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.02, final: int = 1, damping: float = 0.25) -> None:
+    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.02, final: int = 1, damping: float | None = None) -> None:
         self.k, self.sav, self.poly = calib["k"], calib["savings"], calib["rescale"]
         self.table = calib.get("timesteps") or None  # the sampler's timesteps at calibration
         self.clock: list[float] = []  # cumulative rescaled indicator per step (no table)
-        self.thr, self.T, self.final, self.damping = threshold, steps, final, damping
+        self.thr, self.T, self.final = threshold, steps, final
+        self.damping = damping if damping is not None else calib.get("damping", 0.25)  # the file's, else 0.25
         self.warm = math.ceil(warmup * steps - 1e-9)
         self.hist: dict[str, list[tuple[int, bool]]] = {}  # branch -> last two computed (step, full)
         self.delta_full = False
