@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -76,16 +77,33 @@ class BackendOptions:
 # policy. Dynamo calls the backend again for the same model (recompiles, and the second trace
 # through the model's own entry code, runtime/entry.py); every call with the same options dict
 # must find the same session, or the caches and the step count would start over.
-_SESSIONS_BY_OPTIONS: dict[int, tuple[Any, CacheSession]] = {}
+# The holder is weak: it keeps neither the dict nor the session alive (the compiled wrapper
+# keeps the dict, the runners and the model's entry keep the session), and an entry goes when
+# its session goes. A dict cannot be weakly referenced, so an id is trusted only while its
+# session lives and the dict still holds the same values (a new dict that reuses a dead one's
+# id holds other objects).
+_SESSIONS_BY_OPTIONS: dict[int, tuple[tuple[tuple[str, int], ...], weakref.ref[CacheSession]]] = {}
+
+
+def _options_fingerprint(options: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    return tuple((str(k), id(v)) for k, v in options.items())
 
 
 def _session_for(options: dict[str, Any] | None, policy: Any) -> CacheSession:
     if options is None:
         return CacheSession(policy)
-    held = _SESSIONS_BY_OPTIONS.get(id(options))
-    if held is None or held[0] is not options:  # the dict is kept alive with it, so ids stay unique
-        held = _SESSIONS_BY_OPTIONS[id(options)] = (options, CacheSession(policy))
-    return held[1]
+    key, fingerprint = id(options), _options_fingerprint(options)
+    held = _SESSIONS_BY_OPTIONS.get(key)
+    session = held[1]() if held is not None and held[0] == fingerprint else None
+    if session is None:
+        session = CacheSession(policy)
+
+        def forget(ref: weakref.ref[CacheSession], key: int = key) -> None:
+            if _SESSIONS_BY_OPTIONS.get(key, (None, None))[1] is ref:
+                del _SESSIONS_BY_OPTIONS[key]
+
+        _SESSIONS_BY_OPTIONS[key] = (fingerprint, weakref.ref(session, forget))
+    return session
 
 
 def _partial_graph_reason(gm: fx.GraphModule) -> str | None:

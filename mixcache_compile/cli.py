@@ -8,7 +8,6 @@ arguments (``mixcache bench --help``).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,16 +18,12 @@ app = typer.Typer(help="mixcache-compile: cached diffusion-transformer inference
 
 
 def _parse_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"policy option {pair!r} is not KEY=VALUE")
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key] = value
-    return options
+    from .cli_helpers import parse_key_values
+
+    try:
+        return parse_key_values(pairs)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 @app.command()
@@ -80,7 +75,7 @@ def frontier(ctx: typer.Context) -> None:
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True}, add_help_option=False)
 def calibrate(ctx: typer.Context) -> None:
     """Measure MixCache's sensitivities I(g) for a model and store them as JSON (see docs/policies.md)."""
-    from .policies.calibration import main
+    from .eval.calibrate import main
 
     raise typer.Exit(main(list(ctx.args)))
 

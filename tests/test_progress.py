@@ -10,7 +10,7 @@ import pytest
 from mixcache_compile import progress as progress_mod
 from mixcache_compile.eval.bench import parse_args
 from mixcache_compile.export.cli import parser as export_parser
-from mixcache_compile.policies.calibration import _parser as calibrate_parser
+from mixcache_compile.eval.calibrate import parser as calibrate_parser
 
 
 class _Terminal(io.StringIO):

@@ -11,10 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from ..branches import BRANCHES  # noqa: E402
 from ..runtime.session import TraceEntry  # noqa: E402
 
 COLOURS = {"FULL": "#4c72b0", "STEP": "#dd8452", "CFG": "#55a868", "BLOCK": "#c44e52", "ATTN": "#8172b3"}
-BRANCHES = ("cond", "uncond", "batch")
 
 
 def plot_timeline(trace: Sequence[TraceEntry], path: Path, title: str = "") -> Path:

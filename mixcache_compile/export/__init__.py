@@ -18,7 +18,7 @@ from .exporter import VARIANTS, ExportReport, export
 from .integrity import IntegrityError
 from .manifest import MANIFEST_NAME, VERSION, Manifest, ManifestError
 from .onnx_export import ExportError
-from .ort_runtime import OrtTransformer
+from .ort_transformer import OrtTransformer
 from .runtime import ExportedTransformer, load
 
 

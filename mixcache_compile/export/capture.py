@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from ..api import _BATCHED_CONTEXT_NAMES, _find_transformer, _mark_batch_dynamic, _wire_cache_context
+from ..branches import BATCHED_CONTEXT_NAMES
 from ..runtime.executor import StageRunner
 from ..runtime.session import CacheSession
+from ..wiring import compile_with_session, find_transformer, session_of, wire_cache_context
 from .onnx_export import ExportError
 
 
@@ -56,22 +57,14 @@ class _RecordingSession(CacheSession):
 
 def capture(obj: Any, call_kwargs: dict[str, Any], cfg: str = "auto") -> Capture:
     """Run ``obj(**call_kwargs)`` (a pipeline or a bare transformer) through the backend."""
-    model, owner = _find_transformer(obj)
-    if getattr(model, "_mixcache_session", None) is not None:
+    model, owner = find_transformer(obj)
+    if session_of(model) is not None:
         raise ExportError("mixcache is enabled on this model; export the original (un-enabled) model or pipeline")
     session = _RecordingSession(cfg)
-    options: dict[str, Any] = {"session": session, "engine": "eager"}
-    repeated = getattr(type(model), "_repeated_blocks", None)
-    if repeated:
-        options["repeated_blocks"] = list(repeated)
-    compiled = torch.compile(model, backend="mixcache", options=options, fullgraph=True)
-    compiled.register_forward_pre_hook(_mark_batch_dynamic(session), with_kwargs=True)
+    compiled = compile_with_session(model, session, "eager", fullgraph=True)  # as enable() does, on eager
     seen: list[tuple[tuple, dict]] = []
     compiled.register_forward_pre_hook(lambda m, a, k: seen.append((a, dict(k))), with_kwargs=True)
-    had_context = "cache_context" in model.__dict__
-    old_context = model.__dict__.get("cache_context")
-    if hasattr(model, "cache_context"):
-        _wire_cache_context(model, session, owner)
+    unwire = wire_cache_context(model, session, owner)
     try:
         if owner is not None:
             owner.transformer = compiled
@@ -85,11 +78,7 @@ def capture(obj: Any, call_kwargs: dict[str, Any], cfg: str = "auto") -> Capture
     finally:
         if owner is not None:
             owner.transformer = model
-        if hasattr(model, "cache_context"):
-            if had_context:
-                model.cache_context = old_context
-            else:
-                del model.cache_context
+        unwire()
     if not session.recorded:
         raise ExportError("the example call never reached the mixcache backend (no transformer call was made)")
     runners = {id(r) for r, _, _ in session.recorded}
@@ -127,4 +116,4 @@ def _bind(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
 
 
 def batched_context_names() -> set[str]:
-    return set(_BATCHED_CONTEXT_NAMES)
+    return set(BATCHED_CONTEXT_NAMES)

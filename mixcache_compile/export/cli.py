@@ -7,11 +7,10 @@ function returning ``(model_or_pipeline, example_call_kwargs)``.
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import sys
 from typing import Any
 
+from ..cli_helpers import ModelSpecError, load_model_spec, parse_key_values
 from ..progress import add_quiet_flag, is_quiet, set_quiet
 from .exporter import VARIANTS, export
 from .manifest import FORMATS
@@ -19,36 +18,11 @@ from .onnx_export import ExportError
 
 
 def load_spec(spec: str, steps: int) -> tuple[Any, dict[str, Any]]:
-    if spec == "zoo":
-        from ..zoo import default_call_kwargs, load_pipeline
-
-        pipe = load_pipeline()
-        pipe.set_progress_bar_config(disable=True if is_quiet() else None)
-        return pipe, {"prompt": "red circle moving left", **default_call_kwargs(num_inference_steps=steps)}
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise ExportError(f"model spec {spec!r} is neither 'zoo' nor 'module:function'")
+    """``(model_or_pipeline, example_call_kwargs)`` of MODEL_OR_PIPE (``cli_helpers.load_model_spec``)."""
     try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as err:
-        raise ExportError(f"cannot load {spec!r}: {err}") from None
-    result = fn()
-    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
-        raise ExportError(f"{spec} must return (model_or_pipeline, example_call_kwargs)")
-    return result
-
-
-def _options(pairs: list[str]) -> dict[str, Any]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ExportError(f"policy option {pair!r} is not KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+        return load_model_spec(spec, steps, disable_progress_bar=True if is_quiet() else None)
+    except ModelSpecError as err:
+        raise ExportError(str(err)) from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -75,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         obj, call_kwargs = load_spec(args.model, args.steps)
         variants = tuple(v for v in args.variants.split(",") if v)
         report = export(obj, call_kwargs, args.out, format=fmt, policy=args.policy, cfg=args.cfg, variants=variants,
-                        dynamic_shapes=True if args.dynamic else None, verify=not args.no_verify, **_options(args.option))
+                        dynamic_shapes=True if args.dynamic else None, verify=not args.no_verify, **parse_key_values(args.option))
         if args.format == "tensorrt":
             from .tensorrt import build_engines
 

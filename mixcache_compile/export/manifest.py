@@ -26,7 +26,7 @@ import torch
 from ..passes.plan import BlockStage, StagePlan
 from ..passes.stage_graph import StageGraph
 from ..policies import PolicyConfig, make_config
-from ..policies.protocol import Action, ActionKind
+from ..policies.config import decode_json
 from ..runtime.inputs import InputInfo
 from .integrity import ALGORITHM, IntegrityError, check_relative, manifest_digest
 
@@ -41,41 +41,6 @@ class ManifestError(ValueError):
     """The manifest is missing, of another version, or inconsistent; the message says which."""
 
 
-# ---- JSON values that JSON cannot spell: tuples, non-string keys, actions, dtypes ------------
-def encode_value(value: Any) -> Any:
-    """A JSON-ready form of a policy option (ints, floats, strings, None, lists, tuples, mappings
-    with any hashable keys, ``Action``). Anything else is refused: the manifest must reload."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, Action):
-        return {"__action__": action_text(value)}
-    if isinstance(value, tuple):
-        return {"__tuple__": [encode_value(v) for v in value]}
-    if isinstance(value, list):
-        return [encode_value(v) for v in value]
-    if isinstance(value, Mapping):
-        if all(isinstance(k, str) for k in value):
-            return {"__dict__": {k: encode_value(v) for k, v in value.items()}}
-        return {"__pairs__": [[encode_value(k), encode_value(v)] for k, v in value.items()]}
-    raise ManifestError(f"cannot record a {type(value).__name__} ({value!r}) in the manifest; give policy options as numbers, strings, lists, tuples or mappings")
-
-
-def decode_value(value: Any) -> Any:
-    if isinstance(value, list):
-        return [decode_value(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if "__action__" in value:
-        return Action.parse(value["__action__"])
-    if "__tuple__" in value:
-        return tuple(decode_value(v) for v in value["__tuple__"])
-    if "__dict__" in value:
-        return {k: decode_value(v) for k, v in value["__dict__"].items()}
-    if "__pairs__" in value:
-        return {_hashable(decode_value(k)): decode_value(v) for k, v in value["__pairs__"]}
-    raise ManifestError(f"unknown encoded value {value!r}")
-
-
 def policy_to_json(config: PolicyConfig) -> dict:
     """The manifest's ``policy`` entry: the config by name and fields (``PolicyConfig.to_json``)."""
     try:
@@ -86,26 +51,15 @@ def policy_to_json(config: PolicyConfig) -> dict:
 
 def policy_from_json(entry: Mapping[str, Any]) -> PolicyConfig:
     """The config a manifest's ``policy`` entry records. Entries written before configs
-    existed (``{"name", "options"}``) are read through the keyword form."""
+    existed (``{"name", "options"}``) are read through the keyword form; their options are in
+    the JSON form of ``policies/config.py`` (one codec for policy values; these old entries
+    also wrap string-keyed mappings as ``{"__dict__": {...}}``, which it reads)."""
     try:
         if "fields" not in entry and "options" in entry:
-            return make_config(entry["name"], **decode_value(entry["options"]))
+            return make_config(entry["name"], **decode_json(entry["options"]))
         return PolicyConfig.from_json(entry)
     except (TypeError, ValueError) as err:
         raise ManifestError(f"the manifest's policy {dict(entry)!r} cannot be rebuilt: {err}") from None
-
-
-def _hashable(v: Any) -> Any:
-    return tuple(_hashable(x) for x in v) if isinstance(v, list) else v
-
-
-def action_text(action: Action) -> str:
-    """The ``Action.parse`` spelling of an action (``block:1-3``, ``attn:0,2``, ``step``)."""
-    if action.kind is ActionKind.BLOCK:
-        return f"block:{action.block_range[0]}-{action.block_range[1]}"
-    if action.kind is ActionKind.ATTN:
-        return "attn:" + ",".join(map(str, action.attn_blocks))
-    return action.kind.value.lower()
 
 
 def dtype_name(dtype: torch.dtype) -> str:

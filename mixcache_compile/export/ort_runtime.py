@@ -1,19 +1,16 @@
-"""onnxruntime for exported stages: a ``Loader`` of ONNX stage files, and ``OrtTransformer``.
+"""onnxruntime for exported stages: a ``Loader`` of ONNX stage files.
 
-``OrtTransformer(directory)`` is ``ExportedTransformer`` on the onnxruntime engine: a drop-in
-``pipe.transformer`` that runs every stage through an ``InferenceSession`` while the
-``CacheSession`` decides, call by call, which stages run (no torch.compile at inference).
+``runtime.make_loader`` builds it for the onnxruntime engine; ``ort_transformer.OrtTransformer``
+is ``ExportedTransformer`` on it. This module imports nothing of the runtime, so the runtime
+can import it without an import circle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-
-from .runtime import ExportedTransformer
 
 
 class OrtLoader:
@@ -60,11 +57,3 @@ def _as_numpy(t: torch.Tensor):
     if t.requires_grad:
         t = t.detach()
     return t.contiguous().numpy()
-
-
-class OrtTransformer(ExportedTransformer):
-    """``ExportedTransformer`` on onnxruntime; ``providers``/``threads`` go to each session."""
-
-    def __init__(self, directory: str | Path, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(directory, "onnxruntime", engine_options={"providers": providers, "threads": threads}, **kwargs)

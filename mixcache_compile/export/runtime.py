@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 import torch
 
-from ..api import _BATCHED_CONTEXT_NAMES, _pipeline_does_cfg
 from ..passes.stage_graph import StageGraph
 from ..policies import PolicyConfig
 from ..runtime.executor import StageRunner
 from ..runtime.session import CacheSession
+from ..wiring import announce_call
 from .compat import check_versions
 from .integrity import verify_files
 from .manifest import Manifest, StageFile, dtype_name, policy_from_json
@@ -245,13 +245,10 @@ class ExportedTransformer(torch.nn.Module):
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
         """What diffusers pipelines open around each denoiser call (as ``enable`` wires it)."""
-        batched = None
         pipe = self._pipe() if self._pipe is not None else None
-        if name in _BATCHED_CONTEXT_NAMES:
-            batched = _pipeline_does_cfg(pipe) if pipe is not None else bool(self.manifest.session.get("batched_context"))
-        # As api._wire_cache_context: pipelines that do not pass the step count expose it as _num_timesteps.
-        num_steps = kwargs.get("num_inference_steps") or getattr(pipe, "_num_timesteps", None)
-        with self.session.context(name, kwargs.get("step_index"), num_steps, batched):
+        # Without a pipeline to ask, the manifest says whether the traced call was batch-concatenated CFG.
+        batched_without_pipe = bool(self.manifest.session.get("batched_context"))
+        with announce_call(self.session, pipe, name, kwargs, batched_without_pipe=batched_without_pipe):
             yield
 
     # ---- the call ------------------------------------------------------------------------

@@ -114,6 +114,8 @@ def decode_json(value: Any) -> Any:
             return frozenset(decode_json(v) for v in inner)
         if tag == "__pairs__":
             return {_hashable(decode_json(k)): decode_json(v) for k, v in inner}
+        if tag == "__dict__":  # export manifests written before configs wrapped string-keyed mappings
+            return {k: decode_json(v) for k, v in inner.items()}
     return {k: decode_json(v) for k, v in value.items()}
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixcache_compile.policies import calibration
+from mixcache_compile.eval import calibrate as calibration
 
 
 def test_cli_defaults_to_reuse_mode_like_the_shipped_sensitivities():
-    args = calibration._parser().parse_args([])
+    args = calibration.parser().parse_args([])
     assert args.mode == "reuse"
-    assert calibration._parser().parse_args(["--mode", "gaussian"]).mode == "gaussian"
+    assert calibration.parser().parse_args(["--mode", "gaussian"]).mode == "gaussian"
