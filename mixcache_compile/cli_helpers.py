@@ -46,10 +46,12 @@ def load_model_spec(
     leaves tqdm to decide) called with ``prompt`` and ``steps`` denoising steps. ``module:function``:
     whatever the function returns, checked to be a pair (the steps are the caller's business).
     """
-    if spec == "zoo":
+    from .zoo import MODELS
+
+    if spec == "zoo" or spec in MODELS:  # "zoo": the default shipped model; or one by name (tiny, deep)
         from .zoo import default_call_kwargs, load_pipeline
 
-        pipe = load_pipeline()
+        pipe = load_pipeline() if spec == "zoo" else load_pipeline(name=spec)
         pipe.set_progress_bar_config(disable=disable_progress_bar)
         return pipe, {"prompt": prompt, **default_call_kwargs(num_inference_steps=steps)}
     module, sep, name = spec.partition(":")

@@ -22,7 +22,10 @@ model and find the threshold that reaches a target quality on calibration prompt
    searched again with them. (The rates and one-step sensitivities alone under-price the
    partial reuses on the shipped model: CFG reuse looked cheap by them and lost end to end.)
 
-The result is a JSON ``MixCacheConfig(calibration=path)`` loads (``calibration.load_budget``).
+The result is a JSON ``MixCacheConfig(calibration=path)`` loads (``calibration.load_budget``),
+with the sampler's timesteps of the run (the time of the step extrapolation) and the weights'
+fingerprint; shipped models' files live in ``policies/calibrations/NAME.json`` and are picked
+by that fingerprint (Note [calibration per model] in ``mixcache.py``).
 Calibration prompts/seeds are disjoint from the frontier's evaluation ones (held out).
 """
 
@@ -193,7 +196,14 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     finally:
         recorder.remove()
     r = {q: sum(d[q] for d in r_all) / len(r_all) for q in COEFFICIENTS}
+    from .fingerprint import fingerprint
+
+    # The sampler's timesteps of the calibration run: the time coordinate of the policy's
+    # step extrapolation (mixcache.py, item 5), interpolated for other step counts.
+    scheduler = getattr(pipe, "scheduler", None)
+    timesteps = [float(t) for t in getattr(scheduler, "timesteps", [])] if scheduler is not None else []
     calib: dict[str, Any] = {
+        "fingerprint": fingerprint(pipe.transformer), "timesteps": timesteps,
         "format": BUDGET_FORMAT, "k": coefficients(r), "rates": r, "sensitivity": SENSITIVITY,
         "savings": savings(pipe, call_kwargs, fn, bn), "rescale": [1.0, 0.0], "threshold": 0.0,
         "target_psnr": target_psnr, "samples": [list(s) for s in samples], "steps": call_kwargs.get("num_inference_steps"),

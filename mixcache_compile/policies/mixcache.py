@@ -14,8 +14,9 @@ Per step (decided at the step's first call, which probes the prologue):
      the previous step, TeaCache's), rescaled by the calibrated polynomial ``rescale``.
   2. **Forced full**: the first ``ceil(warmup * T)`` steps and the last ``final_full``; and,
      until the **trigger** fires, every step: the trigger (the paper's context-aware start)
-     fires once the rel-L1 change of the cond output between two consecutive computed steps
-     is below ``tau`` (``tau=None``: fires after warm-up).
+     fires at the first step after warm-up whose indicator ``x`` is below ``tau`` (``tau=None``:
+     fires after warm-up). The paper measures the output's change; the indicator stands in for
+     it so that a decision reads one value from the device (issue #10).
   3. **Candidates** (``budget.CANDIDATES``) allowed by the interference rules: ``step`` only
      while both branches' last outputs are fresh full computations (no chaining: a skipped
      step reuses or extrapolates fresh outputs only); ``cfg`` only with a difference from a
@@ -25,16 +26,20 @@ Per step (decided at the step's first call, which probes the prologue):
   4. **Choice**: ``budget.choose`` with the staleness of each quantity, the calibrated
      coefficients ``k`` and savings, and ``repeat_penalty`` on repeating the last set.
   5. **Step reuse extrapolates** (``extrapolate=True``) from the last two fresh outputs at
-     steps ``i1 < i2``: ``eps = eps2 + w (eps2 - eps1)``, ``w = (i - i2) / (i2 - i1) / (1 +
-     damping (i - i2 - 1))``: first order in the step index, damped for long skips (METHODS.md's
-     measured table: the full linear weight is best one step ahead, about half of it further).
+     steps ``i1 < i2``: ``eps = eps2 + w (eps2 - eps1)``, ``w = (u(i) - u(i2)) / (u(i2) -
+     u(i1)) / (1 + damping (i - i2 - 1))``: first order in a time coordinate ``u``, damped for
+     long skips (METHODS.md's measured table: the full linear weight is best one step ahead,
+     less of it further). ``u`` is the sampler's timestep when the calibration recorded its
+     schedule (``timesteps``, interpolated over the progress ``i / (T - 1)``), else the
+     cumulative indicator (the sum of ``x`` up to the step: the modulation's own clock).
   6. **CFG rebuild**: ``eps_u = IFFT(FFT(c) + w_low low(FFT(d)) + w_high high(FFT(d)))``
      (FasterCache's frequency split; ``cfg_weights`` default (1, 1), i.e. ``c + d``).
 
 Coefficients come from ``calibration=`` (a file written by ``mixcache calibrate
---target-psnr``, which also sets the threshold unless one is given), else the shipped
-defaults (calibrated on the shipped model), else for another model ``FALLBACK`` (a
-conservative guess: block / attn / cfg priced above step reuse).
+--target-psnr``, which also sets the threshold unless one is given), else from the shipped
+calibration of the model the policy is bound to (``calibrations/*.json``, matched by the
+weights' fingerprint, Note [calibration per model]), else ``FALLBACK`` (a conservative guess
+for an uncalibrated model: block / attn / cfg priced above step reuse).
 """
 
 from __future__ import annotations
@@ -51,9 +56,17 @@ from .frequency import rebuild_from_delta
 from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
 
-# Note [shipped coefficients]: from `mixcache calibrate --target-psnr 32` on the shipped model
-# (mixcache_compile/policies/mixcache_shipped.json, its calibration prompts and seeds).
-SHIPPED_FILE = os.path.join(os.path.dirname(__file__), "mixcache_shipped.json")
+# Note [calibration per model]: every shipped model has its own calibration, written by
+# `mixcache calibrate --model NAME --target-psnr X` into calibrations/NAME.json with the
+# fingerprint of the weights it was made on (fingerprint.py). ``enable`` binds the policy to
+# the model (``bind_model``); the policy then loads the file whose fingerprint matches. A
+# model none matches (or a policy never bound) gets FALLBACK: a calibration of one model is
+# no default for another (tiny's coefficients and threshold missed the target on deep).
+CALIBRATION_DIR = os.path.join(os.path.dirname(__file__), "calibrations")
+# Damping of the step extrapolation when neither the config nor the calibration sets it: best
+# on tiny's calibration prompts (schedule simulator, 8-13 computed steps of 50); deep's file
+# carries 0.5 (best there: 28.4 dB against 27.3 with 0.25 at 8 computed steps).
+DAMPING = 0.25
 # For models without a calibration: step reuse at TeaCache's scale, the partial reuses priced
 # higher (METHODS.md measured CFG and block reuse losing to sparser step reuse), savings at
 # typical DiT shares.
@@ -62,6 +75,7 @@ FALLBACK: dict[str, Any] = {
     "savings": {"block": 0.5, "attn": 0.25},
     "rescale": [1.0, 0.0],
     "threshold": 0.05,
+    "source": "fallback",
 }
 
 
@@ -73,13 +87,13 @@ class MixCacheConfig(PolicyConfig):
     name: ClassVar[str] = "mixcache"
     threshold: float | None = None
     calibration: str | os.PathLike[str] | None = None
-    warmup: float = 0.04
+    warmup: float = 0.02
     final_full: int = 1
     tau: float | None = None
     Fn: int = 1  # noqa: N815
     Bn: int = 1  # noqa: N815
     extrapolate: bool = True
-    damping: float = 0.5
+    damping: float | None = None  # None: the calibration's, else DAMPING
     repeat_penalty: float = 1.0
     cfg_weights: tuple[float, float] = (1.0, 1.0)
     lowpass_divisor: int = 5
@@ -101,7 +115,8 @@ class MixCacheConfig(PolicyConfig):
         check_positive_int(self.Bn, "Bn", minimum=0)
         if not isinstance(self.extrapolate, bool):
             raise TypeError(f"extrapolate must be a bool, got {self.extrapolate!r}")
-        check_float(self.damping, "damping", minimum=0.0)
+        if self.damping is not None:
+            check_float(self.damping, "damping", minimum=0.0)
         check_float(self.repeat_penalty, "repeat_penalty", minimum=1.0)
         if len(self.cfg_weights) != 2:
             raise ValueError(f"cfg_weights must be (w_low, w_high), got {self.cfg_weights!r}")
@@ -124,14 +139,26 @@ class MixCachePolicy:
         self.config = expect_config(config, MixCacheConfig)
         from .calibration import load_budget
 
-        calib = load_budget(self.config.calibration) if self.config.calibration is not None else _shipped()
-        self.k: dict[str, float] = dict(calib["k"])
-        self.savings: dict[str, float] = dict(calib["savings"])
-        self.rescale_coefficients: list[float] = list(calib["rescale"])
-        self.threshold = float(self.config.threshold if self.config.threshold is not None else calib["threshold"])
+        self._use(load_budget(self.config.calibration) if self.config.calibration is not None else dict(FALLBACK))
         self.block_range: tuple[int, int] | None = None
         self._attn_blocks: tuple[int, ...] = ()
         self.reset()
+
+    def _use(self, calib: Mapping[str, Any]) -> None:
+        self.calibration_source: str = str(calib.get("source", self.config.calibration or "fallback"))
+        self.k: dict[str, float] = dict(calib["k"])
+        self.savings: dict[str, float] = dict(calib["savings"])
+        self.rescale_coefficients: list[float] = list(calib["rescale"])
+        self.timesteps: list[float] | None = [float(t) for t in calib["timesteps"]] if calib.get("timesteps") else None
+        self.threshold = float(self.config.threshold if self.config.threshold is not None else calib["threshold"])
+        damping = self.config.damping if self.config.damping is not None else calib.get("damping", DAMPING)
+        self.damping = float(damping)
+
+    def bind_model(self, model: Any) -> None:
+        """Load the shipped calibration of ``model`` (Note [calibration per model]), unless a
+        calibration file was given."""
+        if self.config.calibration is None:
+            self._use(shipped_for(model))
 
     # ---- protocol -------------------------------------------------------------------------
     def reset(self) -> None:
@@ -139,7 +166,8 @@ class MixCachePolicy:
         self._stale: dict[str, float] = {q: 0.0 for q in budget.QUANTITIES}
         self._plan_step: int | None = None
         self._plan: frozenset[str] = frozenset()
-        self._last_change: float | None = None  # rel-L1 change of the cond output, last two computed steps
+        self._clock: dict[int, float] = {}  # step -> cumulative indicator (the fallback time coordinate)
+        self._total: int | None = None
         self._previous: frozenset[str] = frozenset()
         self._triggered = self.config.tau is None
         self.log: list[tuple[int, float, str, float]] = []  # (step, x, reuse, predicted error)
@@ -156,7 +184,6 @@ class MixCachePolicy:
             attn_blocks=set(self._attn_blocks),
             history=2,
             probe=Probe("prologue", update="always"),
-            deviations=c.tau is not None,
         )
 
     def decide(self, obs: Observation) -> Action:
@@ -176,8 +203,6 @@ class MixCachePolicy:
         if kind in (ActionKind.FULL, ActionKind.BLOCK, ActionKind.ATTN):
             state = self._branches.setdefault(report.branch, _Branch())
             state.computed = [*state.computed, (report.step, kind is ActionKind.FULL)][-2:]
-        if kind is ActionKind.FULL and report.branch in ("cond", "batch") and "step" in report.deviations:
-            self._last_change = report.deviations["step"]
 
     # ---- hooks the runtime calls ------------------------------------------------------------
     def reuse_output(self, current: list, previous: list | None, obs: Observation | None) -> list:
@@ -205,17 +230,32 @@ class MixCachePolicy:
         if not self.config.extrapolate or state is None or len(state.computed) < 2 or not all(f for _, f in state.computed):
             return 0.0
         (i1, _), (i2, _) = state.computed
+        u1, u2, u = self.time(i1), self.time(i2), self.time(step)
+        if u1 is None or u2 is None or u is None or u2 == u1:
+            return 0.0
         reach = step - i2
-        return reach / (i2 - i1) / (1.0 + self.config.damping * max(reach - 1, 0))
+        return (u - u2) / (u2 - u1) / (1.0 + self.damping * max(reach - 1, 0))
+
+    def time(self, step: int) -> float | None:
+        """The time coordinate ``u`` of ``step`` (module docstring, item 5)."""
+        if self.timesteps is None or self._total is None:
+            return self._clock.get(step)
+        table, total = self.timesteps, self._total
+        pos = step / max(total - 1, 1) * (len(table) - 1)
+        lo = min(int(pos), len(table) - 2)
+        return table[lo] + (table[lo + 1] - table[lo]) * (pos - lo) if len(table) > 1 else table[0]
 
     def _warm_steps(self, total: int) -> int:
         return math.ceil(self.config.warmup * total - 1e-9)
 
     def _plan_next(self, obs: Observation, indicator: float) -> None:
         total = resolve_num_steps(obs.num_steps, self.config.num_steps)
+        self._total = total
         x = self.rescale(indicator) if math.isfinite(indicator) else math.inf
-        if not self._triggered and obs.step >= self._warm_steps(total) and self._last_change is not None:
-            self._triggered = self._last_change < self.config.tau  # type: ignore[operator]
+        previous = max(self._clock.items())[1] if self._clock else 0.0
+        self._clock[obs.step] = previous + (x if math.isfinite(x) else 0.0)
+        if not self._triggered and obs.step >= self._warm_steps(total):
+            self._triggered = x < self.config.tau  # type: ignore[operator]
         forced = obs.step < self._warm_steps(total) or obs.step >= total - self.config.final_full or not self._triggered
         if forced or not math.isfinite(x):
             choice = budget.Choice(frozenset(), 0.0, 0.0)
@@ -263,7 +303,28 @@ class MixCachePolicy:
         return FULL
 
 
-def _shipped() -> dict[str, Any]:
-    from .calibration import load_budget
+def shipped_calibrations() -> dict[str, str]:
+    """``{fingerprint: path}`` of the calibrations shipped in ``CALIBRATION_DIR``."""
+    import json
 
-    return load_budget(SHIPPED_FILE) if os.path.exists(SHIPPED_FILE) else dict(FALLBACK)
+    found = {}
+    if os.path.isdir(CALIBRATION_DIR):
+        for name in sorted(os.listdir(CALIBRATION_DIR)):
+            if name.endswith(".json"):
+                path = os.path.join(CALIBRATION_DIR, name)
+                with open(path) as f:
+                    key = json.load(f).get("fingerprint")
+                if key:
+                    found[key] = path
+    return found
+
+
+def shipped_for(model: Any) -> dict[str, Any]:
+    """The shipped calibration of ``model`` (matched by fingerprint), else ``FALLBACK``."""
+    from .calibration import load_budget
+    from .fingerprint import fingerprint
+
+    path = shipped_calibrations().get(fingerprint(model))
+    if path is None:
+        return dict(FALLBACK)
+    return {**load_budget(path), "source": path}

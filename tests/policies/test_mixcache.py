@@ -1,6 +1,8 @@
 """mixcache (error-budget controller): decisions and outputs equal an independent eager
-reference call by call, with the shipped defaults and with a calibration that makes every
-candidate affordable; compute is monotone in ``threshold``; calibration files round-trip."""
+reference call by call, with every shipped calibration's defaults, with the uncalibrated
+fallback (the indicator's clock as time) and with a calibration that makes every candidate
+affordable; compute is monotone in ``threshold``; calibration files round-trip; each shipped
+model gets its own calibration, any other model the fallback."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 
 from mixcache_compile import CacheSession
 from mixcache_compile.policies.calibration import BUDGET_FORMAT, load_budget, save
-from mixcache_compile.policies.mixcache import FALLBACK, MixCacheConfig, MixCachePolicy, _shipped
+from mixcache_compile.policies.mixcache import CALIBRATION_DIR, FALLBACK, MixCacheConfig, MixCachePolicy
 from tests.eager_reference import wan_adapter
 from tests.policies.harness import compile_model, drive_separate
 from tests.policies.reference import Probe, Reference
@@ -22,14 +24,18 @@ STEPS = 16
 N = 3  # tiny Wan blocks: the block candidate skips block 1 (Fn = Bn = 1)
 ALL = "attn:0,1,2"
 ORDER = ("step", "cfg+block", "cfg+attn", "cfg", "block", "attn")  # the docstring's candidate order
+SHIPPED = sorted(str(p) for p in __import__("pathlib").Path(CALIBRATION_DIR).glob("*.json"))
 
 
 class BudgetRule:
     """The controller restated from the docstrings of policies/mixcache.py and budget.py."""
 
-    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.04, final: int = 1, damping: float = 0.5) -> None:
+    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.02, final: int = 1, damping: float | None = None) -> None:
         self.k, self.sav, self.poly = calib["k"], calib["savings"], calib["rescale"]
-        self.thr, self.T, self.final, self.damping = threshold, steps, final, damping
+        self.table = calib.get("timesteps") or None  # the sampler's timesteps at calibration
+        self.clock: list[float] = []  # cumulative rescaled indicator per step (no table)
+        self.thr, self.T, self.final = threshold, steps, final
+        self.damping = damping if damping is not None else calib.get("damping", 0.25)  # the file's, else 0.25
         self.warm = math.ceil(warmup * steps - 1e-9)
         self.hist: dict[str, list[tuple[int, bool]]] = {}  # branch -> last two computed (step, full)
         self.delta_full = False
@@ -44,8 +50,17 @@ class BudgetRule:
         if len(h) < 2 or not all(f for _, f in h):
             return 0.0
         (i1, _), (i2, _) = h
-        reach = step - i2
-        return reach / (i2 - i1) / (1 + self.damping * max(reach - 1, 0))
+        u1, u2, u = self._u(i1), self._u(i2), self._u(step)
+        return (u - u2) / (u2 - u1) / (1 + self.damping * max(step - i2 - 1, 0))
+
+    def _u(self, step: int) -> float:
+        """Time of a step: the calibration's timesteps at progress step / (T - 1), linearly
+        interpolated; without them the sum of the indicators up to the step."""
+        if self.table is None:
+            return self.clock[step]
+        pos = step / (self.T - 1) * (len(self.table) - 1)
+        lo = min(int(pos), len(self.table) - 2)
+        return self.table[lo] + (self.table[lo + 1] - self.table[lo]) * (pos - lo)
 
     def _error(self, cand: str, x: float, extrap: bool) -> float:
         total = 0.0
@@ -64,6 +79,7 @@ class BudgetRule:
     def after_probe(self, step, branch, indicator):
         x = sum(c * indicator ** (len(self.poly) - 1 - i) for i, c in enumerate(self.poly)) if math.isfinite(indicator) else math.inf
         x = max(x, 0.0)
+        self.clock.append((self.clock[-1] if self.clock else 0.0) + (x if math.isfinite(x) else 0.0))
         clean = bool(self.hist) and all(h[-1][1] for h in self.hist.values())
         ok = {"step": clean, "cfg": branch == "cond" and self.delta_full, "block": clean, "attn": clean}
         best, best_err, best_sav = "full", 0.0, 0.0
@@ -115,8 +131,10 @@ class BudgetRule:
             self.delta_full = all(k == "full" for k in done.values())
 
     def step_value(self, step, branch):
-        w = self._w(branch, step)
-        return lambda last, prev: last.clone() if prev is None or w == 0 else last + (last - prev) * w
+        def value(last, prev):  # evaluated after this step's probe (the clock then has the step)
+            w = self._w(branch, step)
+            return last.clone() if prev is None or w == 0 else last + (last - prev) * w
+        return value
 
 
 def _drive(calib: dict, rule_threshold: float, **session_options):
@@ -130,14 +148,25 @@ def _drive(calib: dict, rule_threshold: float, **session_options):
 
 
 @pytest.mark.parametrize("threshold", [None, 0.2])
-def test_shipped_defaults_match_reference(threshold):
-    """The shipped coefficients and threshold (or a looser threshold), as a user gets them."""
-    calib = _shipped()
-    options = {} if threshold is None else {"threshold": threshold}
+@pytest.mark.parametrize("path", SHIPPED)
+def test_shipped_defaults_match_reference(path, threshold):
+    """Each shipped calibration's coefficients, time table and threshold (or a looser
+    threshold), with every other option at its default, as a user of that model gets them."""
+    calib = load_budget(path)
+    options = {"calibration": path} if threshold is None else {"calibration": path, "threshold": threshold}
     session, rule, log = _drive(calib, calib["threshold"] if threshold is None else threshold, **options)
     assert rule.chosen == [e[2] for e in session.policy.log]
     if threshold is not None:  # a loose budget reuses, and extrapolates
         assert "step" in rule.chosen
+
+
+def test_uncalibrated_fallback_matches_reference():
+    """A model without a calibration: FALLBACK, and the indicator's clock as the time of the
+    extrapolation (no timesteps table)."""
+    session, rule, log = _drive(dict(FALLBACK), 0.2, threshold=0.2)
+    assert session.policy.calibration_source == "fallback" and session.policy.timesteps is None
+    assert rule.chosen == [e[2] for e in session.policy.log]
+    assert "step" in rule.chosen
 
 
 def test_every_candidate_matches_reference(tmp_path):
@@ -203,3 +232,28 @@ def test_config_validates():
         MixCacheConfig(candidates=("step", "tokens"))
     with pytest.raises(TypeError, match="unknown option"):
         CacheSession("mixcache", tau_typo=1.0)
+
+
+def test_each_shipped_model_gets_its_own_calibration():
+    """``enable`` binds the policy to the model: each shipped model loads the calibration
+    made on its weights (matched by fingerprint); changed weights get the fallback."""
+    import mixcache_compile
+    from mixcache_compile.zoo import MODELS, load_pipeline
+
+    seen = set()
+    for name in MODELS:
+        pipe = load_pipeline(name=name)
+        session = mixcache_compile.enable(pipe, policy="mixcache", engine="eager")
+        policy = session.policy
+        assert policy.calibration_source == str(__import__("pathlib").Path(CALIBRATION_DIR) / f"{name}.json")
+        calib = load_budget(policy.calibration_source)
+        assert policy.threshold == calib["threshold"] and policy.k == calib["k"] and policy.timesteps == calib["timesteps"]
+        seen.add(policy.calibration_source)
+    assert len(seen) == len(MODELS)
+    pipe = load_pipeline(name="tiny")
+    with torch.no_grad():
+        next(pipe.transformer.parameters()).mul_(1.01)  # a fine-tune of tiny is not tiny
+    session = mixcache_compile.enable(pipe, policy="mixcache", engine="eager")
+    assert session.policy.calibration_source == "fallback" and session.policy.threshold == FALLBACK["threshold"]
+    own = mixcache_compile.enable(load_pipeline(name="tiny"), policy="mixcache", engine="eager", calibration=SHIPPED[-1])
+    assert own.policy.calibration_source == SHIPPED[-1]  # an explicit file wins

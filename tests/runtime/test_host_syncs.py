@@ -69,7 +69,10 @@ def test_no_device_read_on_calls_whose_action_is_known(monkeypatch, policy, opti
         assert session.stats()["actions"].get("STEP", 0) > 0  # reuse (and its finiteness check) happened
 
 
-@pytest.mark.parametrize("policy, options", [("teacache", {"threshold": 0.1}), ("fbcache", {})])
+# mixcache with its trigger on (tau): the trigger reads the probe's indicator, not the outputs'
+# deviations, so a probe call still makes one read and the other calls none (issue #10 item 4).
+@pytest.mark.parametrize("policy, options", [("teacache", {"threshold": 0.1}), ("fbcache", {}),
+                                             ("mixcache", {"threshold": 0.2}), ("mixcache", {"threshold": 0.2, "tau": 0.5})])
 def test_one_device_read_per_probe_decision(monkeypatch, policy, options):
     pipe = _pipe()
     session = mixcache_compile.enable(pipe, policy=policy, engine="eager", **options)
