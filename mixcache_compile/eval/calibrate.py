@@ -305,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--Bn", type=int, default=1)
     p.add_argument("--target-psnr", type=float, default=None,
                    help="fit mixcache's error-budget coefficients and the threshold reaching this mean PSNR on the "
-                        "calibration prompts/seeds (policies/budget_fit.py; --steps defaults to 50 then)")
+                        "calibration prompts/seeds (eval/budget_fit.py; --steps defaults to 50 then)")
     p.add_argument("--samples", type=int, default=2, help="--target-psnr: calibration prompt/seed pairs used (budget_fit.py)")
     p.add_argument("--search-steps", type=int, default=3, help="--target-psnr: bisection steps of the threshold search")
     # Default "reuse": the shipped sensitivities were made with it, and Gaussian noise ranks
@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.model != "zoo":
         kwargs = {**kwargs, "num_inference_steps": steps}
     if args.target_psnr is not None:
-        from ..policies.budget_fit import CALIBRATION_PROMPTS, CALIBRATION_SEEDS, fit
+        from .budget_fit import CALIBRATION_PROMPTS, CALIBRATION_SEEDS, fit
 
         kwargs.pop("prompt", None)
         samples = [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS][:args.samples]

@@ -10,7 +10,7 @@ decisions agree, e.g. our fbcache and diffusers' FBCache). Writes
 / 36 dB) and ``DIR/frontier.png`` (computed fraction vs mean PSNR).
 
 Evaluation prompts and seeds are held out from ``mixcache calibrate``'s (``CALIBRATION_*`` in
-``policies/budget_fit.py``). A method's fraction at quality P is the lowest fraction among its
+``eval/budget_fit.py``). A method's fraction at quality P is the lowest fraction among its
 sweep points with mean PSNR >= P.
 """
 

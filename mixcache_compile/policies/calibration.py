@@ -3,7 +3,7 @@
 Two files: the sensitivities ``I(g)`` for g in (step, cfg, block) (``load``; written by
 ``save`` from the measuring tool ``eval/calibrate.py``, ``mixcache calibrate``, whose docstring
 explains the measurement), and the error-budget calibration (``load_budget``; written by
-``budget_fit.py``, ``mixcache calibrate --target-psnr``). ``MixCacheConfig(calibration=path)``
+``eval/budget_fit.py``, ``mixcache calibrate --target-psnr``). ``MixCacheConfig(calibration=path)``
 reads them.
 """
 
@@ -16,9 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-# budget_fit.py imports find_blocks from here; it moved to model_parts.py with the measuring
-# tool (eval/calibrate.py). Kept as a re-export until budget_fit.py imports model_parts.
-from ..model_parts import find_blocks  # noqa: F401
 
 GRANULARITIES = ("step", "cfg", "block")
 MODES = ("gaussian", "reuse")
@@ -48,7 +45,7 @@ BUDGET_FORMAT = 2
 
 
 def load_budget(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The error-budget calibration of ``mixcache`` (``budget_fit.py`` writes it): ``k``
+    """The error-budget calibration of ``mixcache`` (``eval/budget_fit.py`` writes it): ``k``
     (coefficient per ``budget.COEFFICIENTS``), ``savings`` (``block``, ``attn`` in [0, 1]),
     ``rescale`` (indicator polynomial, highest degree first) and ``threshold``."""
     from .budget import COEFFICIENTS

@@ -41,7 +41,8 @@ from typing import Any
 
 import torch
 
-from .budget import COEFFICIENTS
+from ..model_parts import find_blocks, first_output
+from ..policies.budget import COEFFICIENTS
 
 CALIBRATION_PROMPTS = ("red circle moving left", "yellow circle moving down")  # --samples 1: the first only
 CALIBRATION_SEEDS = (7,)
@@ -58,7 +59,6 @@ class _Recorder:
     """Per call: the modulation input of block 0, the output, the middle residual, attention."""
 
     def __init__(self, model: torch.nn.Module, fn: int, bn: int) -> None:
-        from .calibration import find_blocks
 
         self.blocks = find_blocks(model)
         self.first, self.last = fn, len(self.blocks) - bn - 1
@@ -71,13 +71,13 @@ class _Recorder:
         for g, block in enumerate(self.blocks):
             attn = getattr(block, "attn1", None)
             if attn is not None:
-                self._handles.append(attn.register_forward_hook(lambda m, a, o, _g=g: self._cur.__setitem__(f"attn{_g}", _first(o).detach().clone())))
+                self._handles.append(attn.register_forward_hook(lambda m, a, o, _g=g: self._cur.__setitem__(f"attn{_g}", first_output(o).detach().clone())))
 
     def _start(self, module: Any, args: Any) -> None:
         self._cur = {}
 
     def _end(self, module: Any, args: Any, out: Any) -> None:
-        self._cur["out"] = _first(out).detach().clone()
+        self._cur["out"] = first_output(out).detach().clone()
         self.calls.append(self._cur)
 
     def _temb(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -87,19 +87,11 @@ class _Recorder:
         self._cur["h_in"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).detach().clone()
 
     def _range_out(self, module: Any, args: Any, out: Any) -> None:
-        self._cur["res"] = _first(out).detach() - self._cur.pop("h_in")
+        self._cur["res"] = first_output(out).detach() - self._cur.pop("h_in")
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-
-
-def _first(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.sample
 
 
 def rates(calls: Sequence[dict[str, torch.Tensor]], warm: int = 2) -> dict[str, float]:
@@ -129,7 +121,6 @@ def savings(pipe: Any, call_kwargs: dict[str, Any], fn: int, bn: int) -> dict[st
     """FLOP shares of the middle blocks and of the self-attention modules in one call."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .calibration import find_blocks
 
     model = pipe.transformer
     block_list = find_blocks(model)
@@ -162,7 +153,7 @@ def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequ
                call_kwargs: dict[str, Any], candidates: tuple[str, ...]) -> tuple[float, float]:
     import mixcache_compile
 
-    from ..eval.metrics import psnr
+    from .metrics import psnr
 
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"mixcache-calib-{os.getpid()}.json"
     path.write_text(json.dumps(calib))
@@ -182,7 +173,7 @@ def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequ
 def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: Sequence[tuple[str, int]] | None = None,
         fn: int = 1, bn: int = 1, search_steps: int = 3, log: Any = print) -> dict[str, Any]:
     """The whole calibration (module docstring); returns the dict ``load_budget`` reads."""
-    from .calibration import BUDGET_FORMAT
+    from ..policies.calibration import BUDGET_FORMAT
 
     samples = list(samples or [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS])
     recorder = _Recorder(pipe.transformer, fn, bn)
@@ -196,7 +187,7 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     finally:
         recorder.remove()
     r = {q: sum(d[q] for d in r_all) / len(r_all) for q in COEFFICIENTS}
-    from .fingerprint import fingerprint
+    from ..policies.fingerprint import fingerprint
 
     # The sampler's timesteps of the calibration run: the time coordinate of the policy's
     # step extrapolation (mixcache.py, item 5), interpolated for other step counts.
