@@ -7,8 +7,9 @@ equal the eager model's. Classes without a tiny config are listed, with the reas
 Each class is one test case, so pytest-xdist spreads them. Dynamo's trace of a class takes
 10-40 s on one core even at tiny dims, so only ``DEFAULT`` (one class per family and every
 class that exercises a distinct planner path: graph breaks, interleaved blocks, boolean-mask
-ops, several chains) runs by default; the other classes carry the ``slow`` mark
-(``pytest -m slow tests/passes/test_model_sweep.py`` or ``tools/sweep_models.py`` runs them).
+ops, several chains) runs in ``make test``; the other classes carry the ``sweep_all`` mark,
+which ``make test`` deselects to stay inside CI's 15 minutes (about 4 more minutes on 2
+cores) and ``make test-all`` / ``tools/sweep_models.py`` run.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def sweep_one(name: str) -> tuple[CacheSession, list[str], list[float]]:
 def _case(name: str):
     marks = [getattr(pytest.mark, m) for m in SPECS[name].marks]
     if name not in DEFAULT:
-        marks.append(pytest.mark.slow)
+        marks.append(pytest.mark.sweep_all)
     return pytest.param(name, marks=marks, id=name)
 
 
