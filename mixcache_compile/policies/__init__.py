@@ -18,8 +18,10 @@ from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, Ca
 from .static import StaticConfig, StaticPolicy
 
 # Note [default policy]: what ``enable(pipe)``, ``CacheSession()`` and ``backend="mixcache"``
-# run when no policy is given. Changing the default is changing this one constant.
-DEFAULT_POLICY = "none"
+# run when no policy is given: the flagship, at its calibrated defaults (or its conservative
+# fallback on a model without calibration). `"none"` stays available as "compile only".
+# Changing the default is changing this one constant.
+DEFAULT_POLICY = "mixcache"
 
 PolicyEntry = tuple[type[PolicyConfig], type] | str
 

@@ -9,6 +9,7 @@ import torch
 
 from mixcache_compile import CacheSession, FbCacheConfig, StaticConfig, enable
 from mixcache_compile.runtime.summary import human_bytes
+from mixcache_compile.policies import DEFAULT_POLICY
 from tests.tiny_models import wan
 
 STEPS = 4
@@ -123,7 +124,8 @@ def test_summary_before_any_call_and_after_reset_stats():
     text = session.summary()
     assert text.splitlines()[0] == "mixcache session: policy fbcache(threshold=0.2)"
     assert "no calls yet" in text and "fallbacks: none" in text
-    assert CacheSession().summary().splitlines()[0] == "mixcache session: policy none (defaults)"
+    assert CacheSession().summary().splitlines()[0] == f"mixcache session: policy {DEFAULT_POLICY} (defaults)"
+    assert CacheSession("none").summary().splitlines()[0] == "mixcache session: policy none (defaults)"
 
 
 def test_human_bytes():
