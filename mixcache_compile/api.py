@@ -46,9 +46,7 @@ def enable(
     if session_of(model) is not None:
         raise RuntimeError("mixcache is already enabled on this model; use the session it returned")
     session = CacheSession(policy, cfg=cfg, **policy_options)
-    bind = getattr(session.policy, "bind_model", None)
-    if callable(bind):  # a policy whose defaults depend on the weights (mixcache's calibration per model)
-        bind(model)
+    session.bind_model(model)  # a policy whose defaults depend on the weights (mixcache's calibration per model)
     # Before torch.compile: OptimizedModule calls model.__call__, which looks up the
     # instance's forward at call time, so every compiled call enters through our own code.
     install_entry(model, session, on_bypass)

@@ -149,6 +149,7 @@ def _protect_traced_model(opts: BackendOptions) -> None:
     forward = model.forward
     if getattr(getattr(forward, "__func__", forward), "__code__", None) is not tx.f_code:
         return  # the traced frame is not this model's forward (a function compiled directly)
+    opts.session.bind_model(model)  # before any call: mixcache picks this model's calibration
     install_entry(model, opts.session, opts.on_bypass)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from .protocol import FULL, Action, CacheNeeds, CallReport, ModelInfo, Observation
 
-_HOOKS = ("after_probe", "observe", "reuse_output", "reuse_attention", "rebuild_uncond")
+_HOOKS = ("bind_model", "after_probe", "observe", "reuse_output", "reuse_attention", "rebuild_uncond")
 
 
 class PolicyBase:
@@ -34,6 +34,11 @@ class PolicyBase:
         pass
 
     # ---- optional hooks -----------------------------------------------------------------
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """The model the session serves, once, before its first call (``enable`` and the
+        backend form call it): a policy whose defaults depend on the weights (mixcache's
+        calibration per model) picks them here. Default: nothing."""
+
     def after_probe(self, obs: Observation, indicator: float) -> Action:
         """The action after the probe (``CacheNeeds.probe``) measured ``indicator``."""
         return FULL

@@ -68,6 +68,7 @@ import torch
 
 from .config import PolicyConfig, expect_config
 from .frequency import rebuild_from_delta
+from .base import PolicyBase
 from .protocol import CFG, COND_HALF, FULL, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation
 from .schedules import StepWindow, WindowSpec, check_float, check_num_steps, check_positive_int, resolve_num_steps, window_value
 
@@ -115,7 +116,7 @@ class FasterCacheConfig(PolicyConfig):
         check_num_steps(self.num_steps)
 
 
-class FasterCachePolicy:
+class FasterCachePolicy(PolicyBase):
     name = "fastercache"
 
     def __init__(self, config: FasterCacheConfig | None = None) -> None:

@@ -53,6 +53,7 @@ from typing import Any, ClassVar
 from . import budget
 from .config import PolicyConfig, expect_config
 from .frequency import rebuild_from_delta
+from .base import PolicyBase
 from .protocol import CFG, FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, CallReport, ModelInfo, Observation, Probe
 from .schedules import check_float, check_num_steps, check_positive_int, resolve_num_steps
 
@@ -131,7 +132,7 @@ class _Branch:
     computed: list[tuple[int, bool]] = field(default_factory=list)  # last two (step, was FULL) computed calls
 
 
-class MixCachePolicy:
+class MixCachePolicy(PolicyBase):
     name = "mixcache"
     config_class = MixCacheConfig
 

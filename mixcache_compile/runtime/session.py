@@ -109,6 +109,10 @@ class CacheSession:
         session changes any state). ``context``: ``current_context()`` at that call."""
         self._call_hooks.append(hook)
 
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Tell the policy which model it serves (``PolicyBase.bind_model``)."""
+        self._hooks.bind_model(model)
+
     def current_context(self) -> CallContext | None:
         """What ``set_context`` / ``context`` said about the next call(s) on this thread."""
         return getattr(self._local, "ctx", None)
