@@ -113,10 +113,11 @@ def _generate(pipe: Any, prompt: str, seed: int, steps: int, guidance: float) ->
 
 def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int, guidance: float, weights_dir: Path | None,
         log: Callable[[str], None] = print, time_repeats: int = 3, compiled_repeats: int = 0,
-        load: Callable[[], Any] | None = None) -> dict[str, Any]:
+        load: Callable[[], Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Quality and computed fraction of every point; eager wall time (``time_repeats`` > 0) of
     every point and compiled wall time (``compiled_repeats`` > 0) of one point per method
-    (``frontier_timing.representative``), each against the uncached model on the same engine."""
+    (``frontier_timing.representative``), each against the uncached model on the same engine.
+    ``checkpoint`` gets the results so far after every point (a long run keeps what it measured)."""
     from ..zoo import load_pipeline
     from .frontier_report import fraction_at_levels
     from .frontier_timing import interleaved_ratio
@@ -140,10 +141,18 @@ def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int,
     if time_repeats > 0:
         none["wall_eager"] = interleaved_ratio(lambda: gen0(base), lambda: gen0(base), time_repeats)
     rows = [none]
+
+    def results(done: bool) -> dict[str, Any]:
+        return {"rows": rows, "samples": [list(s) for s in samples], "steps": steps, "guidance": guidance,
+                "weights": str(weights_dir) if weights_dir else "shipped", "full_flops": full_flops,
+                "levels": fraction_at_levels(rows), "complete": done}
+
+    save = checkpoint or (lambda _: None)
     ctx = PeerContext(steps, run_once=gen0, memo={})
     for point in points:
         row = _measure(point, base, ctx, samples, refs, steps, guidance, full_flops, time_repeats)
         rows.append(row)
+        save(results(False))
         if row["status"] != "ok":
             log(f"{point.method} {point.knob}: FAILED {row['error']}")
             continue
@@ -151,10 +160,8 @@ def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int,
         log(f"{point.method:22s} {point.knob:24s} psnr {row['psnr']:6.2f} (min {row['psnr_min']:6.2f}) "
             f"ssim {row['ssim']:.4f} fraction {row['computed_fraction']:.3f}{speed}")
     if compiled_repeats > 0:
-        _time_compiled(points, rows, base, ctx, refs[0], gen0, compiled_repeats, log)
-    return {"rows": rows, "samples": [list(s) for s in samples], "steps": steps, "guidance": guidance,
-            "weights": str(weights_dir) if weights_dir else "shipped", "full_flops": full_flops,
-            "levels": fraction_at_levels(rows)}
+        _time_compiled(points, rows, base, ctx, refs[0], gen0, compiled_repeats, log, lambda: save(results(False)))
+    return results(True)
 
 
 def _measure(point: Point, base: Any, ctx: Any, samples: Sequence[tuple[str, int]], refs: Sequence[torch.Tensor], steps: int,
@@ -196,7 +203,8 @@ def _measure(point: Point, base: Any, ctx: Any, samples: Sequence[tuple[str, int
 
 
 def _time_compiled(points: Sequence[Point], rows: list[dict[str, Any]], base: Any, ctx: Any, ref0: torch.Tensor,
-                   gen0: Callable[[Any], torch.Tensor], repeats: int, log: Callable[[str], None]) -> None:
+                   gen0: Callable[[Any], torch.Tensor], repeats: int, log: Callable[[str], None],
+                   save: Callable[[], None]) -> None:
     """Compiled wall time at one point per method against the uncached model under plain
     ``torch.compile`` (peers: ``torch.compile`` after their hooks, as their docs do; ours: the
     mixcache backend with ``engine="inductor"``). The first generation of each compiles and is
@@ -216,6 +224,7 @@ def _time_compiled(points: Sequence[Point], rows: list[dict[str, Any]], base: An
             if row is None or point is None:
                 continue
             row["wall_compiled"] = _time_one_compiled(point, base, base_c, ctx, ref0, gen0, repeats, log)
+            save()
 
 
 def _time_one_compiled(point: Point, base: Any, base_c: Any, ctx: Any, ref0: torch.Tensor, gen0: Callable[[Any], torch.Tensor],
@@ -283,18 +292,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         points = [pt for pt in points if (not keep or any(k in pt.method for k in keep)) and not any(d == pt.method for d in drop)]
     steps = 8 if a.quick else a.steps
     samples = [(EVAL_PROMPTS[i], s) for i in range(1 if a.quick else a.prompts) for s in EVAL_SEEDS[:a.seeds]]
-    results = run(points, samples, steps, a.guidance, a.weights, log=lambda s: print(s, file=sys.stderr, flush=True),
-                  time_repeats=a.time_repeats, compiled_repeats=a.compiled_repeats if a.compiled else 0)
-    results["command"] = "mixcache frontier " + " ".join(argv if argv is not None else sys.argv[1:])
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results["load_average"] = list(os.getloadavg())
+    command = "mixcache frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     existing = a.out / "frontier.json"
-    if a.update and existing.exists():
-        results = merge(json.loads(existing.read_text()), results)
-    (a.out / "frontier.json").write_text(json.dumps(results, indent=2) + "\n")
-    (a.out / "frontier.md").write_text(markdown(results))
-    plot(results, a.out / "frontier.png")
+    old = json.loads(existing.read_text()) if a.update and existing.exists() else None
+
+    def write(results: dict[str, Any]) -> dict[str, Any]:
+        results = dict(results, command=command, finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       load_average=list(os.getloadavg()))
+        if old is not None:
+            results = merge(old, results)
+        existing.write_text(json.dumps(results, indent=2) + "\n")
+        (a.out / "frontier.md").write_text(markdown(results))
+        plot(results, a.out / "frontier.png")
+        return results
+
+    results = write(run(points, samples, steps, a.guidance, a.weights, log=lambda s: print(s, file=sys.stderr, flush=True),
+                        time_repeats=a.time_repeats, compiled_repeats=a.compiled_repeats if a.compiled else 0, checkpoint=write))
     print(markdown(results))
     return 0
 

@@ -41,3 +41,67 @@ def test_sweep_names_every_method():
     methods = {p.method for p in sweep(full=True)}
     assert {"mixcache", "teacache", "fbcache", "static", "fastercache", "pab", "diffusers:fbcache", "diffusers:magcache",
             "diffusers:taylorseer", "diffusers:pab", "cache-dit:dbcache"} <= methods
+
+
+# ---- wall time --------------------------------------------------------------------------
+def test_interleaved_ratio_alternates_and_takes_the_ratio_of_medians():
+    from mixcache_compile.eval.frontier_timing import interleaved_ratio
+
+    now = [0.0]
+    durations = {"base": iter([1.0, 1.25, 4.0]), "method": iter([0.5, 8.0, 0.25])}  # one outlier each (exact in binary)
+    order = []
+
+    def make(name):
+        def fn():
+            order.append(name)
+            now[0] += next(durations[name])
+        return fn
+
+    out = interleaved_ratio(make("method"), make("base"), repeats=3, clock=lambda: now[0])
+    assert order == ["base", "method", "method", "base", "base", "method"] == out["order"]
+    assert out["samples"] == {"method": [0.5, 8.0, 0.25], "base": [1.0, 1.25, 4.0]}
+    assert out["method_s"] == 0.5 and out["base_s"] == 1.25  # medians: the outliers do not move them
+    assert out["ratio"] == pytest.approx(0.5 / 1.25) and out["speedup"] == pytest.approx(1.25 / 0.5)
+
+
+def test_representative_point_is_the_cheapest_reaching_32_db_else_the_closest():
+    from mixcache_compile.eval.frontier_timing import representative
+
+    assert representative(ROWS, "teacache")["psnr"] == 32.5
+    assert representative(ROWS, "mixcache")["computed_fraction"] == 0.18
+    assert representative([_row("x", 20.0, 0.1), _row("x", 30.0, 0.3)], "x")["psnr"] == 30.0
+    assert representative(ROWS, "diffusers:pab") is None  # failed rows are never timed
+
+
+# ---- report -----------------------------------------------------------------------------
+def test_pareto_rows_over_all_methods_and_marked_in_the_table():
+    from mixcache_compile.eval.frontier_report import pareto_rows
+
+    rows = ROWS + [_row("teacache", 20.0, 0.05)]
+    front = [(r["method"], r["psnr"]) for r in pareto_rows(rows)]
+    # teacache 27 dB at 0.15 loses to mixcache 29 dB at 0.12; teacache 20 dB at 0.05 is the cheapest of all
+    assert front == [("teacache", 20.0), ("mixcache", 29.0), ("mixcache", 33.0), ("mixcache", 40.0)]
+    table = markdown({"rows": rows, "levels": fraction_at_levels(rows)})
+    assert "| teacache | k | 27.00 | 26.00 | 0.9000 | 0.150 |  |  | |" in table
+    assert "| teacache | k | 20.00 | 19.00 | 0.9000 | 0.050 |  |  | * |" in table
+
+
+def test_none_row_never_counts_as_the_best_other_method():
+    rows = ROWS + [{**_row("none", float("inf"), 1.0)}, _row("mixcache", 45.0, 0.9)]
+    level = {lv["psnr"]: lv for lv in fraction_at_levels(rows)}[36.0]
+    assert level["best_other"] == "teacache"
+
+
+def test_merge_replaces_the_rerun_methods_and_keeps_the_others():
+    from mixcache_compile.eval.frontier_report import merge
+
+    meta = {"samples": [["p", 1]], "steps": 50, "guidance": 5.0, "weights": "shipped"}
+    old = {**meta, "rows": ROWS, "command": "mixcache frontier --all"}
+    new = {**meta, "rows": [_row("mixcache", 36.5, 0.10)], "command": "mixcache frontier --methods mixcache"}
+    merged = merge(old, new)
+    assert [r["psnr"] for r in merged["rows"] if r["method"] == "mixcache"] == [36.5]
+    assert sum(r["method"] == "teacache" for r in merged["rows"]) == 3
+    assert {lv["psnr"]: lv for lv in merged["levels"]}[36.0]["mixcache"] == 0.10
+    assert merged["commands"] == ["mixcache frontier --all", "mixcache frontier --methods mixcache"]
+    with pytest.raises(ValueError, match="steps"):
+        merge(old, {**new, "steps": 30})
