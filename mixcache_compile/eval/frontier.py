@@ -113,9 +113,11 @@ def _generate(pipe: Any, prompt: str, seed: int, steps: int, guidance: float) ->
 
 def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int, guidance: float, weights_dir: Path | None,
         log: Callable[[str], None] = print, time_repeats: int = 3, compiled_repeats: int = 0,
-        load: Callable[[], Any] | None = None, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        eager_every_point: bool = True, load: Callable[[], Any] | None = None,
+        checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Quality and computed fraction of every point; eager wall time (``time_repeats`` > 0) of
-    every point and compiled wall time (``compiled_repeats`` > 0) of one point per method
+    every point (or, not ``eager_every_point``, of one per method after the sweep) and compiled
+    wall time (``compiled_repeats`` > 0) of one point per method
     (``frontier_timing.representative``), each against the uncached model on the same engine.
     ``checkpoint`` gets the results so far after every point (a long run keeps what it measured)."""
     from ..zoo import load_pipeline
@@ -138,7 +140,7 @@ def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int,
     again = psnr(gen0(base), refs[0])
     none: dict[str, Any] = {"method": "none", "knob": "-", "status": "ok", "psnr": again, "psnr_min": again,
                             "psnr_per_sample": [again], "ssim": 1.0, "computed_fraction": 1.0}
-    if time_repeats > 0:
+    if time_repeats > 0 and eager_every_point:
         none["wall_eager"] = interleaved_ratio(lambda: gen0(base), lambda: gen0(base), time_repeats)
     rows = [none]
 
@@ -150,7 +152,7 @@ def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int,
     save = checkpoint or (lambda _: None)
     ctx = PeerContext(steps, run_once=gen0, memo={})
     for point in points:
-        row = _measure(point, base, ctx, samples, refs, steps, guidance, full_flops, time_repeats)
+        row = _measure(point, base, ctx, samples, refs, steps, guidance, full_flops, time_repeats if eager_every_point else 0)
         rows.append(row)
         save(results(False))
         if row["status"] != "ok":
@@ -159,8 +161,10 @@ def run(points: Sequence[Point], samples: Sequence[tuple[str, int]], steps: int,
         speed = f" speedup eager {row['wall_eager']['speedup']:.2f}x" if "wall_eager" in row else ""
         log(f"{point.method:22s} {point.knob:24s} psnr {row['psnr']:6.2f} (min {row['psnr_min']:6.2f}) "
             f"ssim {row['ssim']:.4f} fraction {row['computed_fraction']:.3f}{speed}")
+    if time_repeats > 0 and not eager_every_point:
+        _time_representatives(points, rows, base, ctx, refs[0], gen0, time_repeats, log, lambda: save(results(False)), False)
     if compiled_repeats > 0:
-        _time_compiled(points, rows, base, ctx, refs[0], gen0, compiled_repeats, log, lambda: save(results(False)))
+        _time_representatives(points, rows, base, ctx, refs[0], gen0, compiled_repeats, log, lambda: save(results(False)), True)
     return results(True)
 
 
@@ -202,54 +206,60 @@ def _measure(point: Point, base: Any, ctx: Any, samples: Sequence[tuple[str, int
     return row
 
 
-def _time_compiled(points: Sequence[Point], rows: list[dict[str, Any]], base: Any, ctx: Any, ref0: torch.Tensor,
-                   gen0: Callable[[Any], torch.Tensor], repeats: int, log: Callable[[str], None],
-                   save: Callable[[], None]) -> None:
-    """Compiled wall time at one point per method against the uncached model under plain
-    ``torch.compile`` (peers: ``torch.compile`` after their hooks, as their docs do; ours: the
-    mixcache backend with ``engine="inductor"``). The first generation of each compiles and is
-    not timed; its output's PSNR is kept (``psnr_sample0``)."""
+def _time_representatives(points: Sequence[Point], rows: list[dict[str, Any]], base: Any, ctx: Any, ref0: torch.Tensor,
+                          gen0: Callable[[Any], torch.Tensor], repeats: int, log: Callable[[str], None],
+                          save: Callable[[], None], compiled: bool) -> None:
+    """Wall time at one point per method (``frontier_timing.representative``) not timed yet,
+    against the uncached model on the same engine. Compiled: the uncached model under plain
+    ``torch.compile``; peers ``torch.compile`` after their hooks, as their docs do; ours the
+    mixcache backend with ``engine="inductor"``. The first generation of each (the compile)
+    is not timed; its output's PSNR is kept (``psnr_sample0``)."""
     from .frontier_timing import interleaved_ratio, raised_compile_limits, representative
 
-    with raised_compile_limits():
-        base_c = copy.deepcopy(base)
-        base_c.transformer = torch.compile(base_c.transformer)
-        start = time.perf_counter()
-        gen0(base_c)
-        log(f"uncached model compiled in {time.perf_counter() - start:.0f} s")
-        rows[0]["wall_compiled"] = interleaved_ratio(lambda: gen0(base_c), lambda: gen0(base_c), repeats)
+    key = "wall_compiled" if compiled else "wall_eager"
+    with raised_compile_limits() if compiled else contextlib.nullcontext():
+        base_t = base
+        if compiled:
+            base_t = copy.deepcopy(base)
+            base_t.transformer = torch.compile(base_t.transformer)
+            start = time.perf_counter()
+            gen0(base_t)
+            log(f"uncached model compiled in {time.perf_counter() - start:.0f} s")
+        if key not in rows[0]:
+            rows[0][key] = interleaved_ratio(lambda: gen0(base_t), lambda: gen0(base_t), repeats)
         for method in dict.fromkeys(r["method"] for r in rows[1:]):
             row = representative(rows, method)
             point = next((p for p in points if row is not None and (p.method, p.knob) == (row["method"], row["knob"])), None)
-            if row is None or point is None:
+            if row is None or point is None or key in row:
                 continue
-            row["wall_compiled"] = _time_one_compiled(point, base, base_c, ctx, ref0, gen0, repeats, log)
+            row[key] = _time_one(point, base, base_t, ctx, ref0, gen0, repeats, log, compiled)
             save()
 
 
-def _time_one_compiled(point: Point, base: Any, base_c: Any, ctx: Any, ref0: torch.Tensor, gen0: Callable[[Any], torch.Tensor],
-                       repeats: int, log: Callable[[str], None]) -> dict[str, Any]:
+def _time_one(point: Point, base: Any, base_t: Any, ctx: Any, ref0: torch.Tensor, gen0: Callable[[Any], torch.Tensor],
+              repeats: int, log: Callable[[str], None], compiled: bool) -> dict[str, Any]:
     from .frontier_timing import interleaved_ratio
     from .metrics import psnr
 
     pipe, disable = copy.deepcopy(base), None
+    mode = "compiled" if compiled else "eager"
     try:
-        reset, _, disable = point.enable(pipe, ctx, True)
+        reset, _, disable = point.enable(pipe, ctx, compiled)
         reset()
         start = time.perf_counter()
         first = gen0(pipe)
-        compile_s = time.perf_counter() - start
+        first_s = time.perf_counter() - start
 
         def cached() -> Any:
             reset()
             return gen0(pipe)
 
-        timing = interleaved_ratio(cached, lambda: gen0(base_c), repeats)
-        timing.update(status="ok", compile_s=compile_s, psnr_sample0=psnr(first, ref0))
-        log(f"{point.method:22s} {point.knob:24s} compiled: speedup {timing['speedup']:.2f}x (compile {compile_s:.0f} s)")
+        timing = interleaved_ratio(cached, lambda: gen0(base_t), repeats)
+        timing.update(status="ok", first_s=first_s, psnr_sample0=psnr(first, ref0))
+        log(f"{point.method:22s} {point.knob:24s} {mode}: speedup {timing['speedup']:.2f}x (first generation {first_s:.0f} s)")
     except Exception as err:  # e.g. a peer whose hooks do not trace: say so, keep going
         timing = {"status": "failed", "error": f"{type(err).__name__}: {err}"[:300]}
-        log(f"{point.method} {point.knob}: compiled FAILED {timing['error']}")
+        log(f"{point.method} {point.knob}: {mode} FAILED {timing['error']}")
     finally:
         if disable is not None:
             with contextlib.suppress(Exception):
@@ -270,6 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--full", action="store_true", help="a denser sweep of every method's knob")
     p.add_argument("--time-repeats", type=int, default=3,
                    help="eager wall time of every point: interleaved repetitions against the uncached model (0: skip)")
+    p.add_argument("--eager-timing", choices=("all", "one"), default="all",
+                   help="time every point eager during the sweep (all), or one point per method after it (one: a third of the cost)")
     p.add_argument("--compiled", action="store_true",
                    help="also compiled wall time, at one point per method (the cheapest reaching 32 dB); each compile takes ~1-2 min")
     p.add_argument("--compiled-repeats", type=int, default=3, help="interleaved repetitions of the compiled timing")
@@ -308,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return results
 
     results = write(run(points, samples, steps, a.guidance, a.weights, log=lambda s: print(s, file=sys.stderr, flush=True),
-                        time_repeats=a.time_repeats, compiled_repeats=a.compiled_repeats if a.compiled else 0, checkpoint=write))
+                        time_repeats=a.time_repeats, eager_every_point=a.eager_timing == "all",
+                        compiled_repeats=a.compiled_repeats if a.compiled else 0, checkpoint=write))
     print(markdown(results))
     return 0
 
