@@ -105,3 +105,29 @@ def test_merge_replaces_the_rerun_methods_and_keeps_the_others():
     assert merged["commands"] == ["mixcache frontier --all", "mixcache frontier --methods mixcache"]
     with pytest.raises(ValueError, match="steps"):
         merge(old, {**new, "steps": 30})
+
+
+# ---- one process, several methods (shipped tiny model, 4 steps) --------------------------
+def test_diffusers_hooks_then_cache_dit_in_one_run_with_interleaved_timing():
+    """The run that used to fail: diffusers' FBCache, then cache-dit's DBCache, in one process
+    and one ``run``. Both measure; each method is timed once, interleaved with the uncached
+    model; the ``none`` row's ratio is the ratio of the medians of its interleaved samples."""
+    pytest.importorskip("cache_dit")
+    from mixcache_compile.eval.frontier import _peer, run
+    from mixcache_compile.eval.peers import CacheDitDBCachePeer, FirstBlockCachePeer
+
+    points = [_peer(FirstBlockCachePeer(0.3)), _peer(CacheDitDBCachePeer(0.5, max_warmup_steps=1))]
+    saved = []
+    res = run(points, [("blue square moving down", 1000)], steps=4, guidance=5.0, weights_dir=None, log=lambda s: None,
+              time_repeats=2, eager_every_point=False, checkpoint=lambda r: saved.append(len(r["rows"])))
+    rows = {r["method"]: r for r in res["rows"]}
+    assert [r.get("status") for r in res["rows"]] == ["ok", "ok", "ok"], [r.get("error") for r in res["rows"]]
+    assert 0 < rows["cache-dit:dbcache"]["computed_fraction"] < 1.0  # it cached, and was counted
+    assert rows["none"]["psnr"] == float("inf") and rows["none"]["computed_fraction"] == 1.0
+    timing = rows["none"]["wall_eager"]
+    assert timing["order"] == ["base", "method", "method", "base"]
+    med = {k: sorted(v)[0] / 2 + sorted(v)[1] / 2 for k, v in timing["samples"].items()}
+    assert timing["ratio"] == pytest.approx(med["method"] / med["base"])
+    for method in ("diffusers:fbcache", "cache-dit:dbcache"):
+        assert rows[method]["wall_eager"]["status"] == "ok" and len(rows[method]["wall_eager"]["order"]) == 4
+    assert res["complete"] and saved[:2] == [2, 3]  # a checkpoint after every point

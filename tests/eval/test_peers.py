@@ -154,3 +154,34 @@ def test_cache_dit_makes_a_module_cycle_that_only_the_frontier_counter_survives(
         with pytest.raises(RecursionError):
             _count(pipe, pipe.transformer)
     assert 0 < _count(pipe, pipe.transformer).total < ours.total
+
+
+def test_our_fbcache_fraction_equals_diffusers_first_block_cache_fraction():
+    """Computed fraction counted two ways, compared where the decisions are the same
+    (tests/policies/test_peers.py asserts the same skipped calls at this threshold): ours
+    from ``stats()`` (per stage graph), diffusers' by the frontier's per-call counter."""
+    from diffusers import FirstBlockCacheConfig
+
+    import mixcache_compile
+    from mixcache_compile.eval.flops import TransformerFlops
+    from tests.policies.test_peers import _call, _pipe as cog_pipe
+
+    threshold = 0.215
+    pipe = cog_pipe()
+    full = TransformerFlops(pipe.transformer)
+    with torch.no_grad():
+        _call(pipe)
+    full.remove()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    peer = TransformerFlops(pipe.transformer)
+    with torch.no_grad():
+        _call(pipe)
+    assert peer.total < full.total  # it skipped
+
+    ours = cog_pipe()
+    session = mixcache_compile.enable(ours, policy="fbcache", engine="eager", threshold=threshold)
+    with torch.no_grad():
+        _call(ours)
+    stats = session.stats()
+    assert stats["flops_full"] == full.total
+    assert stats["flops_run"] == peer.total
