@@ -287,10 +287,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compiled-repeats", type=int, default=3, help="interleaved repetitions of the compiled timing")
     p.add_argument("--update", action="store_true",
                    help="merge into an existing OUT/frontier.json: rows of the methods run now replace theirs, the others are kept")
+    p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                   help="run nothing: merge these frontier.json files (a later file's rows replace an earlier's, per method) into OUT")
     p.add_argument("--mixcache-thresholds", default=None, help="comma-separated thresholds replacing mixcache's sweep")
     a = p.parse_args(argv)
     if not 1 <= a.prompts <= len(EVAL_PROMPTS) or not 1 <= a.seeds <= len(EVAL_SEEDS):
         p.error(f"--prompts must be 1..{len(EVAL_PROMPTS)} and --seeds 1..{len(EVAL_SEEDS)}")
+    if a.merge:
+        return _merge_files(a.merge, a.out)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     points = sweep(a.quick, a.full)
@@ -323,6 +327,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                         time_repeats=a.time_repeats, eager_every_point=a.eager_timing == "all",
                         compiled_repeats=a.compiled_repeats if a.compiled else 0, checkpoint=write))
     print(markdown(results))
+    return 0
+
+
+def _merge_files(paths: Sequence[Path], out: Path) -> int:
+    runs = [json.loads(p.read_text()) for p in paths]
+    merged = runs[0]
+    for run_ in runs[1:]:
+        merged = merge(merged, run_)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "frontier.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out / "frontier.md").write_text(markdown(merged))
+    plot(merged, out / "frontier.png")
+    print(markdown(merged))
     return 0
 
 

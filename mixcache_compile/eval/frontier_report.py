@@ -88,9 +88,16 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     merged = dict(new)
     merged["rows"] = kept + list(new["rows"])
     merged["levels"] = fraction_at_levels(merged["rows"])
-    merged["commands"] = list(old.get("commands", [old.get("command")] if old.get("command") else [])) + \
-        [new.get("command")] * bool(new.get("command"))
+    merged["runs"] = _runs(old) + _runs(new)  # each run's command, end time, load and completeness
+    merged["commands"] = [r["command"] for r in merged["runs"] if r.get("command")]
+    merged["complete"] = all(r.get("complete", True) for r in merged["runs"])
     return merged
+
+
+def _runs(results: dict[str, Any]) -> list[dict[str, Any]]:
+    if "runs" in results:
+        return list(results["runs"])
+    return [{k: results.get(k) for k in ("command", "finished", "load_average", "complete")}]
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:

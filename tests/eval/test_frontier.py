@@ -9,7 +9,7 @@ from mixcache_compile.eval.frontier import fraction_at, fraction_at_levels, mark
 
 
 def _row(method: str, psnr: float, fraction: float) -> dict:
-    return {"method": method, "knob": "k", "status": "ok", "psnr": psnr, "psnr_min": psnr - 1, "ssim": 0.9,
+    return {"method": method, "knob": f"p{psnr:g}", "status": "ok", "psnr": psnr, "psnr_min": psnr - 1, "ssim": 0.9,
             "computed_fraction": fraction}
 
 
@@ -82,8 +82,8 @@ def test_pareto_rows_over_all_methods_and_marked_in_the_table():
     # teacache 27 dB at 0.15 loses to mixcache 29 dB at 0.12; teacache 20 dB at 0.05 is the cheapest of all
     assert front == [("teacache", 20.0), ("mixcache", 29.0), ("mixcache", 33.0), ("mixcache", 40.0)]
     table = markdown({"rows": rows, "levels": fraction_at_levels(rows)})
-    assert "| teacache | k | 27.00 | 26.00 | 0.9000 | 0.150 |  |  | |" in table
-    assert "| teacache | k | 20.00 | 19.00 | 0.9000 | 0.050 |  |  | * |" in table
+    assert "| teacache | p27 | 27.00 | 26.00 | 0.9000 | 0.150 |  |  |  |" in table
+    assert "| teacache | p20 | 20.00 | 19.00 | 0.9000 | 0.050 |  |  | * |" in table
 
 
 def test_none_row_never_counts_as_the_best_other_method():
@@ -103,6 +103,7 @@ def test_merge_replaces_the_rerun_methods_and_keeps_the_others():
     assert sum(r["method"] == "teacache" for r in merged["rows"]) == 3
     assert {lv["psnr"]: lv for lv in merged["levels"]}[36.0]["mixcache"] == 0.10
     assert merged["commands"] == ["mixcache frontier --all", "mixcache frontier --methods mixcache"]
+    assert [r["command"] for r in merge(merged, new)["runs"]] == merged["commands"] + ["mixcache frontier --methods mixcache"]
     with pytest.raises(ValueError, match="steps"):
         merge(old, {**new, "steps": 30})
 
