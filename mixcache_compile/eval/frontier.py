@@ -87,7 +87,7 @@ def sweep(quick: bool = False, full: bool = False) -> list[Point]:
     def pick(values: tuple, dense: tuple) -> tuple:
         return dense if full else values
 
-    points = [_ours("mixcache", f"threshold={t}", threshold=t) for t in pick((0.08, 0.16, 0.12, 0.24, 0.04), (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24))]
+    points = [_ours("mixcache", f"threshold={t}", threshold=t) for t in pick((0.08, 0.16, 0.12, 0.24, 0.06, 0.04), (0.01, 0.02, 0.03, 0.04, 0.06, 0.08, 0.12, 0.16, 0.24))]
     if quick:
         return points[:2] + [_ours("teacache", "threshold=0.1", threshold=0.1)]
     points += [_ours("teacache", f"threshold={t}", threshold=t) for t in pick((0.03, 0.05, 0.07, 0.1), (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2))]

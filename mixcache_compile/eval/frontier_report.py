@@ -86,7 +86,8 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     rerun = {r["method"] for r in new["rows"]}
     kept = [r for r in old["rows"] if r["method"] not in rerun]
     merged = dict(new)
-    merged["rows"] = kept + list(new["rows"])
+    rows = kept + list(new["rows"])
+    merged["rows"] = [r for r in rows if r["method"] in NOT_A_METHOD] + [r for r in rows if r["method"] not in NOT_A_METHOD]
     merged["levels"] = fraction_at_levels(merged["rows"])
     merged["runs"] = _runs(old) + _runs(new)  # each run's command, end time, load and completeness
     merged["commands"] = [r["command"] for r in merged["runs"] if r.get("command")]
