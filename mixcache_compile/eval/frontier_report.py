@@ -114,14 +114,18 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for r in results["rows"]:
         if _ok(r) and math.isfinite(r["psnr"]):
             by_method.setdefault(r["method"], []).append((r["computed_fraction"], r["psnr"]))
+    colours = iter(plt.get_cmap("tab20").colors[2:])  # tab20's first pair (blue) left out; mixcache is red below
     for method, pts in sorted(by_method.items()):
         pts.sort()
-        style = dict(lw=2.5, color="tab:red", zorder=5) if method == "mixcache" else dict(lw=1, alpha=0.8)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, **style)
+        # marker by family (ours o, diffusers s, cache-dit ^): identical rows of two libraries stay visible
+        marker = {"diffusers": "s", "cache-dit": "^"}.get(method.split(":")[0], "o") if ":" in method else "o"
+        style = dict(lw=2.5, color="tab:red", zorder=5) if method == "mixcache" else dict(lw=1, alpha=0.85, color=next(colours))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, mfc="none" if marker != "o" else None, ms=8 if marker != "o" else 6,
+                label=method, **style)
     front = pareto_rows(results["rows"])
     if front:
         xs, ys = [r["computed_fraction"] for r in front], [r["psnr"] for r in front]
-        ax.step(xs, ys, where="pre", color="black", lw=1, ls="--", alpha=0.6, zorder=4, label="Pareto front (all methods)")
+        ax.step(xs, ys, where="post", color="black", lw=1, ls="--", alpha=0.6, zorder=4, label="Pareto front (all methods)")
         ax.scatter(xs, ys, s=140, facecolors="none", edgecolors="black", linewidths=1.2, zorder=6)
     for level in LEVELS:
         ax.axhline(level, color="grey", lw=0.5, ls=":")
