@@ -159,13 +159,30 @@ def test_cache_dit_makes_a_module_cycle_that_only_the_frontier_counter_survives(
 def test_our_fbcache_fraction_equals_diffusers_first_block_cache_fraction():
     """Computed fraction counted two ways, compared where the decisions are the same
     (tests/policies/test_peers.py asserts the same skipped calls at this threshold): ours
-    from ``stats()`` (per stage graph), diffusers' by the frontier's per-call counter."""
+    from ``stats()`` (per stage graph), diffusers' by the frontier's per-call counter.
+
+    Runs in a fresh interpreter: after cache-dit has been enabled in a process (the tests
+    above), ``mixcache_compile.enable`` with ``fullgraph=True`` finds no compiled frames
+    (not investigated yet; the frontier times ours before cache-dit runs)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import json, tests.eval.test_peers as t; print(json.dumps(t._fbcache_counts()))"],
+                         capture_output=True, text=True, check=True, timeout=900)
+    c = json.loads(out.stdout.strip().splitlines()[-1])
+    assert c["peer"] < c["full"]  # it skipped
+    assert c["ours_full"] == c["full"] and c["ours_run"] == c["peer"]
+
+
+def _fbcache_counts() -> dict:
     from diffusers import FirstBlockCacheConfig
 
     import mixcache_compile
     from mixcache_compile.eval.flops import TransformerFlops
     from tests.policies.test_peers import _call, _pipe as cog_pipe
 
+    torch.set_num_threads(1)
     threshold = 0.215
     pipe = cog_pipe()
     full = TransformerFlops(pipe.transformer)
@@ -176,12 +193,9 @@ def test_our_fbcache_fraction_equals_diffusers_first_block_cache_fraction():
     peer = TransformerFlops(pipe.transformer)
     with torch.no_grad():
         _call(pipe)
-    assert peer.total < full.total  # it skipped
-
     ours = cog_pipe()
     session = mixcache_compile.enable(ours, policy="fbcache", engine="eager", threshold=threshold)
     with torch.no_grad():
         _call(ours)
     stats = session.stats()
-    assert stats["flops_full"] == full.total
-    assert stats["flops_run"] == peer.total
+    return {"full": full.total, "peer": peer.total, "ours_full": stats["flops_full"], "ours_run": stats["flops_run"]}
