@@ -9,7 +9,7 @@ from mixcache_compile.eval.frontier import fraction_at, fraction_at_levels, mark
 
 
 def _row(method: str, psnr: float, fraction: float) -> dict:
-    return {"method": method, "knob": "k", "status": "ok", "psnr": psnr, "psnr_min": psnr - 1, "ssim": 0.9,
+    return {"method": method, "knob": f"p{psnr:g}", "status": "ok", "psnr": psnr, "psnr_min": psnr - 1, "ssim": 0.9,
             "computed_fraction": fraction}
 
 
@@ -41,3 +41,94 @@ def test_sweep_names_every_method():
     methods = {p.method for p in sweep(full=True)}
     assert {"mixcache", "teacache", "fbcache", "static", "fastercache", "pab", "diffusers:fbcache", "diffusers:magcache",
             "diffusers:taylorseer", "diffusers:pab", "cache-dit:dbcache"} <= methods
+
+
+# ---- wall time --------------------------------------------------------------------------
+def test_interleaved_ratio_alternates_and_takes_the_ratio_of_medians():
+    from mixcache_compile.eval.frontier_timing import interleaved_ratio
+
+    now = [0.0]
+    durations = {"base": iter([1.0, 1.25, 4.0]), "method": iter([0.5, 8.0, 0.25])}  # one outlier each (exact in binary)
+    order = []
+
+    def make(name):
+        def fn():
+            order.append(name)
+            now[0] += next(durations[name])
+        return fn
+
+    out = interleaved_ratio(make("method"), make("base"), repeats=3, clock=lambda: now[0])
+    assert order == ["base", "method", "method", "base", "base", "method"] == out["order"]
+    assert out["samples"] == {"method": [0.5, 8.0, 0.25], "base": [1.0, 1.25, 4.0]}
+    assert out["method_s"] == 0.5 and out["base_s"] == 1.25  # medians: the outliers do not move them
+    assert out["ratio"] == pytest.approx(0.5 / 1.25) and out["speedup"] == pytest.approx(1.25 / 0.5)
+
+
+def test_representative_point_is_the_cheapest_reaching_32_db_else_the_closest():
+    from mixcache_compile.eval.frontier_timing import representative
+
+    assert representative(ROWS, "teacache")["psnr"] == 32.5
+    assert representative(ROWS, "mixcache")["computed_fraction"] == 0.18
+    assert representative([_row("x", 20.0, 0.1), _row("x", 30.0, 0.3)], "x")["psnr"] == 30.0
+    assert representative(ROWS, "diffusers:pab") is None  # failed rows are never timed
+
+
+# ---- report -----------------------------------------------------------------------------
+def test_pareto_rows_over_all_methods_and_marked_in_the_table():
+    from mixcache_compile.eval.frontier_report import pareto_rows
+
+    rows = ROWS + [_row("teacache", 20.0, 0.05)]
+    front = [(r["method"], r["psnr"]) for r in pareto_rows(rows)]
+    # teacache 27 dB at 0.15 loses to mixcache 29 dB at 0.12; teacache 20 dB at 0.05 is the cheapest of all
+    assert front == [("teacache", 20.0), ("mixcache", 29.0), ("mixcache", 33.0), ("mixcache", 40.0)]
+    table = markdown({"rows": rows, "levels": fraction_at_levels(rows)})
+    assert "| teacache | p27 | 27.00 | 26.00 | 0.9000 | 0.150 |  |  |  |" in table
+    assert "| teacache | p20 | 20.00 | 19.00 | 0.9000 | 0.050 |  |  | * |" in table
+
+
+def test_none_row_never_counts_as_the_best_other_method():
+    rows = ROWS + [{**_row("none", float("inf"), 1.0)}, _row("mixcache", 45.0, 0.9)]
+    level = {lv["psnr"]: lv for lv in fraction_at_levels(rows)}[36.0]
+    assert level["best_other"] == "teacache"
+
+
+def test_merge_replaces_the_rerun_methods_and_keeps_the_others():
+    from mixcache_compile.eval.frontier_report import merge
+
+    meta = {"samples": [["p", 1]], "steps": 50, "guidance": 5.0, "weights": "shipped"}
+    old = {**meta, "rows": ROWS, "command": "mixcache frontier --all"}
+    new = {**meta, "rows": [_row("mixcache", 36.5, 0.10)], "command": "mixcache frontier --methods mixcache"}
+    merged = merge(old, new)
+    assert [r["psnr"] for r in merged["rows"] if r["method"] == "mixcache"] == [36.5]
+    assert sum(r["method"] == "teacache" for r in merged["rows"]) == 3
+    assert {lv["psnr"]: lv for lv in merged["levels"]}[36.0]["mixcache"] == 0.10
+    assert merged["commands"] == ["mixcache frontier --all", "mixcache frontier --methods mixcache"]
+    assert [r["command"] for r in merge(merged, new)["runs"]] == merged["commands"] + ["mixcache frontier --methods mixcache"]
+    with pytest.raises(ValueError, match="steps"):
+        merge(old, {**new, "steps": 30})
+
+
+# ---- one process, several methods (shipped tiny model, 4 steps) --------------------------
+def test_diffusers_hooks_then_cache_dit_in_one_run_with_interleaved_timing():
+    """The run that used to fail: diffusers' FBCache, then cache-dit's DBCache, in one process
+    and one ``run``. Both measure; each method is timed once, interleaved with the uncached
+    model; the ``none`` row's ratio is the ratio of the medians of its interleaved samples."""
+    pytest.importorskip("cache_dit")
+    from mixcache_compile.eval.frontier import _peer, run
+    from mixcache_compile.eval.peers import CacheDitDBCachePeer, FirstBlockCachePeer
+
+    points = [_peer(FirstBlockCachePeer(0.3)), _peer(CacheDitDBCachePeer(0.5, max_warmup_steps=1))]
+    saved = []
+    res = run(points, [("blue square moving down", 1000)], steps=4, guidance=5.0, weights_dir=None, log=lambda s: None,
+              time_repeats=2, eager_every_point=False, checkpoint=lambda r: saved.append(len(r["rows"])))
+    rows = {r["method"]: r for r in res["rows"]}
+    assert [r.get("status") for r in res["rows"]] == ["ok", "ok", "ok"], [r.get("error") for r in res["rows"]]
+    assert 0 < rows["cache-dit:dbcache"]["computed_fraction"] < 1.0  # it cached, and was counted
+    assert rows["none"]["psnr"] == float("inf") and rows["none"]["computed_fraction"] == 1.0
+    timing = rows["none"]["wall_eager"]
+    assert timing["order"] == ["base", "method", "method", "base"]
+    med = {k: sorted(v)[0] / 2 + sorted(v)[1] / 2 for k, v in timing["samples"].items()}
+    assert timing["ratio"] == pytest.approx(med["method"] / med["base"])
+    for method in ("diffusers:fbcache", "cache-dit:dbcache"):
+        assert rows[method]["wall_eager"]["status"] == "ok" and len(rows[method]["wall_eager"]["order"]) == 4
+    assert res["complete"] and saved[:2] == [2, 3]  # a checkpoint after every point
