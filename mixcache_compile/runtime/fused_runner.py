@@ -81,7 +81,7 @@ class FusedPath:
             g.last_block: i + 1 for i, g in enumerate(fused.groups) if g.last_block is not None
         }
         plan = runner.plan
-        self.num_slots = plan.num_slots
+        self.num_slots = fused.num_slots  # a split prologue adds slots (passes/probe_split.py)
         spec = plan.output_spec
         if all(plan.output_is_slot):
             self.outputs_of = _getter(spec)
