@@ -10,6 +10,7 @@ from mixcache_compile import CacheSession
 from mixcache_compile.passes.fuse import ProbePoint, fuse_plan, fuse_stages, stage_units
 from mixcache_compile.passes.probe_split import split_prologue
 from mixcache_compile.runtime.flops import measure_flops
+from mixcache_compile.policies.protocol import FULL, PROBE, STEP, Action, ActionKind, CacheNeeds, Probe
 from mixcache_compile.runtime.executor import StageRunner
 from tests.passes.test_planner_units import Net
 
@@ -146,7 +147,7 @@ def test_prologue_probe_head_is_the_modulations_ancestors(monkeypatch):
     assert _flops(split.head, env) < _flops(plan.prologue, env)
 
 
-def _generation(model, policy: str, options: dict, fuse: bool) -> tuple[list, list, dict]:
+def _generation(model, policy, options: dict, fuse: bool) -> tuple[list, list, dict]:
     torch._dynamo.reset()
     session = CacheSession(policy, **options)
     backend_options = {"session": session, "engine": "eager", "fuse_stages": fuse}
@@ -188,3 +189,36 @@ def test_fused_path_equals_unfused_path(policy: str, options: dict, monkeypatch)
     assert fused[2]["stages"] == expected[policy]
     if policy != "none":
         assert {a for a, _ in fused[1]} != {"FULL"}, "the schedule should reuse something"
+
+
+class _ProbeThenAny:
+    """A prologue-probe policy that, after the probe, cycles through every action the fused
+    path must then run: FULL, attention reuse, a block range, the whole step."""
+
+    name = "probe_then_any"
+
+    def needs(self, model):
+        return CacheNeeds(outputs=True, ranges={(1, 4)}, attn_blocks={1, 3}, probe=Probe("prologue", update="always"))
+
+    def decide(self, obs):
+        return PROBE
+
+    def after_probe(self, obs, indicator):
+        if obs.step == 0:
+            return FULL
+        return [STEP, Action(ActionKind.ATTN, attn_blocks=(1, 3)), Action(ActionKind.BLOCK, block_range=(1, 4))][obs.step % 3]
+
+    def reset(self):
+        pass
+
+
+def test_fused_path_runs_what_a_prologue_probe_picks():
+    """Note [fused path equals unfused path] when the action is only known after the probe
+    head: attention reuse and range skips picked there run exactly as in the unfused path."""
+    torch.manual_seed(0)
+    model = Net(depth=5).eval()
+    fused = _generation(model, _ProbeThenAny(), {}, True)
+    plain = _generation(model, _ProbeThenAny(), {}, False)
+    assert {a for a, _ in fused[1]} == {"FULL", "STEP", "ATTN(1,3)", "BLOCK(1-4)"}
+    assert fused[1] == plain[1]
+    assert all(torch.equal(a, b) for a, b in zip(fused[0], plain[0]))
