@@ -17,9 +17,12 @@ Usage: ``python tools/bench_backend.py --model shipped --steps 50`` (see README)
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
@@ -67,18 +70,24 @@ def shipped_model():
     return model, latents, cond, uncond
 
 
-def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | None, guidance: float = 5.0):
-    """A separate-CFG sampling loop (Euler on a fixed schedule), as WanPipeline runs it."""
+def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | None, guidance: float = 5.0,
+               per_call: dict[str, list[float]] | None = None):
+    """A separate-CFG sampling loop (Euler on a fixed schedule), as WanPipeline runs it.
+    ``per_call``: if given, each call's wall time is appended under the action it ran."""
     x = latents.clone()
     for i in range(steps):
         t = torch.tensor([1000.0 * (1 - i / steps)])
         outs = []
         for name, emb in (("cond", cond), ("uncond", uncond)):
+            start = time.perf_counter()
             if session is not None:
                 with session.context(name, step_index=i, num_inference_steps=steps):
                     outs.append(fn(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0])
             else:
                 outs.append(fn(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0])
+            if per_call is not None:
+                action = session.trace[-1].action.split("(")[0] if session is not None else "plain"
+                per_call.setdefault(action, []).append(time.perf_counter() - start)
         eps = outs[1] + guidance * (outs[0] - outs[1])
         x = x - eps / steps
     return x
@@ -109,16 +118,21 @@ def main() -> None:
                      "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0], "policies": {}}
     with torch.no_grad():
         torch._dynamo.reset()
-        plain = torch.compile(model, backend="inductor", fullgraph=True)
+        # Its own copy: the mixcache compiles give ``model`` an entry frame with a bypass
+        # detector (runtime/entry.py), which plain calls must not pay for.
+        plain = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)
         results["compile_s_plain"], _ = timed(lambda: plain(**call))
-        sessions, fns = {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None)}
+        sessions, compiled_of, fns = {}, {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None)}
         for name in names:
             policy, options = POLICIES[name]
             session = sessions[name] = CacheSession(policy, **options)
-            compiled = torch.compile(model, backend="mixcache", fullgraph=True, options={"session": session, "engine": "inductor"})
+            # One model copy per session (as enable() has it: one session, one model, one entry frame).
+            compiled = torch.compile(copy.deepcopy(model), backend="mixcache", fullgraph=True,
+                                     options={"session": session, "engine": "inductor"})
             if name == "none":
                 results["compile_s_none"], _ = timed(lambda c=compiled: c(**call))
                 fns["none_call"] = lambda c=compiled: c(**call)
+            compiled_of[name] = compiled
             fns[name] = (lambda c=compiled, s=session: generation(c, latents, cond, uncond, args.steps, s))
             fns[name]()  # compile this policy's stages outside the timed runs
             print(f"compiled {name}: {session.stats()['stages']} stage(s)", flush=True)
@@ -131,6 +145,16 @@ def main() -> None:
             calls = interleaved_medians({k: fns[k] for k in ("plain_call", "none_call")}, repeats=args.repeats * 20, warmup=3)
             results["call_ratio_none"] = calls["plain_call"] / calls["none_call"]
             results["call_ms_plain"] = 1000 * calls["plain_call"]
+        # One more generation each, timing every call by the action it ran (outside the timed
+        # runs, so the bookkeeping costs them nothing): what a computed and a skipped call cost.
+        per_call: dict[str, dict[str, list[float]]] = {"plain": {}}
+        generation(plain, latents, cond, uncond, args.steps, None, per_call=per_call["plain"])
+        for name in names:
+            per_call[name] = {}
+            generation(compiled_of[name], latents, cond, uncond, args.steps, sessions[name], per_call=per_call[name])
+        results["call_ms_by_action"] = {
+            name: {a: round(1000 * statistics.median(v), 3) for a, v in by_action.items()} for name, by_action in per_call.items()
+        }
         results["recompiles_during_timing"] = _frames_compiled() - frames
         results["load_avg_end"] = os.getloadavg()[0]
         results["gen_s_plain"] = gens["plain"]
@@ -163,6 +187,8 @@ def markdown(r: dict) -> str:
         lines.append(f"Per call, policy `none`: {r['call_ratio_none']:.3f}x plain ({r['call_ms_plain']:.2f} ms plain).")
     if "compile_s_none" in r:
         lines.append(f"Compile, policy `none` / plain: {r['compile_s_none']:.1f} s / {r['compile_s_plain']:.1f} s.")
+    for name, by_action in r.get("call_ms_by_action", {}).items():
+        lines.append(f"Median call, {name}: " + ", ".join(f"{a} {ms:.2f} ms" for a, ms in by_action.items()) + ".")
     lines.append(f"Dynamo frames compiled during the timed runs: {r['recompiles_during_timing']}.")
     return "\n".join(lines)
 
