@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from .indicator import with_residual_indicator, with_value_indicator
 from .plan import StagePlan
+from .probe_split import split_prologue
 from .stage_graph import StageGraph
 
 # Pseudo slots (negative: never a real slot) of a probe variant's extra inputs and outputs.
@@ -43,7 +44,7 @@ PROBE_INDICATOR = -3  # output: [mean|a - b|, mean|b| + eps]
 class Unit:
     """One stage of the unfused sequence. ``block`` is the global block index, or None."""
 
-    kind: str  # "prologue" | "glue" | "block" | "epilogue"
+    kind: str  # "probe_head" | "prologue" | "glue" | "block" | "epilogue"
     stage: StageGraph
     block: int | None = None
 
@@ -79,6 +80,7 @@ class FusedPlan:
     ranges: frozenset[tuple[int, int]]  # ranges whose residual this plan records
     attn_blocks: frozenset[int]
     probe: ProbePoint | None
+    num_slots: int  # the plan's slots plus those of values a split prologue passes on
 
     @property
     def num_stages(self) -> int:
@@ -126,7 +128,14 @@ def fuse_plan(
     probe: ProbePoint | None = None,
 ) -> FusedPlan:
     """Group the plan's stages with only the cuts the given needs require."""
-    units = stage_units(plan)
+    units, num_slots = stage_units(plan), plan.num_slots
+    if probe is not None and probe.kind == "prologue" and plan.modulation_slot is not None:
+        # Note [split prologue computes the same]: the probe unit is only the modulation's
+        # ancestors; the rest of the prologue joins the next group.
+        split = split_prologue(plan.prologue, plan.modulation_slot, plan.num_slots)
+        if split is not None:
+            units = [Unit("probe_head", split.head), Unit("prologue", split.rest), *units[1:]]
+            num_slots = split.num_slots
     block_unit = [i for i, u in enumerate(units) if u.kind == "block"]
     ranges, attn_blocks = frozenset(ranges), frozenset(attn_blocks)
     cuts = required_cuts(block_unit, ranges, attn_blocks, probe)
@@ -144,7 +153,7 @@ def fuse_plan(
         )
     if probe is not None:
         _attach_probe(plan, units, groups, block_unit, probe)
-    return FusedPlan(units, cuts, groups, block_unit, ranges, attn_blocks, probe)
+    return FusedPlan(units, cuts, groups, block_unit, ranges, attn_blocks, probe, num_slots)
 
 
 def _group_name(members: list[Unit]) -> str:

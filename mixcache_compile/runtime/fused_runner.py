@@ -82,7 +82,7 @@ class FusedPath:
             g.last_block: i + 1 for i, g in enumerate(fused.groups) if g.last_block is not None
         }
         plan = runner.plan
-        self.num_slots = plan.num_slots
+        self.num_slots = fused.num_slots  # a split prologue adds slots (passes/probe_split.py)
         spec = plan.output_spec
         if all(plan.output_is_slot):
             self.outputs_of = _getter(spec)
@@ -176,6 +176,10 @@ class FusedPath:
                 skip = decided.block_range if decided.kind is _BLOCK else None
                 if skip is not None and skip not in self.ranges:  # needs declare every range a probe may pick
                     raise RuntimeError(f"mixcache: the probe chose blocks {skip}, which this fused plan cannot skip")
+                if decided.kind is _ATTN:  # a prologue probe may pick attention reuse for the blocks after it
+                    if not self.attn.issuperset(decided.attn_blocks):
+                        raise RuntimeError(f"mixcache: the probe chose attention of blocks {decided.attn_blocks}, which this fused plan cannot swap")
+                    reuse_attn = decided.attn_blocks
             else:
                 stage_args = run.args_of(env)
                 fn, f = self._resolve(runner, sig, i, run.stage, stage_args)
