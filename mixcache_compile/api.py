@@ -31,7 +31,8 @@ def enable(
     (``enable(pipe, FbCacheConfig(threshold=0.1))``), or a name with its options as keywords
     (``enable(pipe, "fbcache", threshold=0.1)`` builds that config), or a policy object.
     Returns the session (``summary()``, ``stats()``, ``trace``, ``reset()``). The pipeline keeps working as before; its transformer is
-    replaced by the compiled module.
+    replaced by the compiled module. Given a bare model, call ``session.compiled`` (the
+    compiled module; for a pipeline it is the new ``pipe.transformer``).
 
     The model gets a ``forward`` code object of its own, so other compiled copies of its class
     in the process cannot make Dynamo skip it (Note [own entry code]); a call that still does
@@ -56,5 +57,5 @@ def enable(
     attach_session(model, session)
     if owner is not None:
         setattr(owner, "transformer", compiled)
-    session.compiled = compiled
+    session.compiled = compiled  # the handle for a bare model (nothing to replace it in)
     return session

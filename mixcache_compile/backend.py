@@ -189,11 +189,13 @@ def mixcache_backend(
     # graph gets the first one's runner, so nothing is compiled twice and the session keeps
     # its caches (a new runner would make it drop them).
     key = (model_key, opts.engine.name, tuple(opts.repeated_blocks or ()), gm.code, _input_signature(example_inputs))
-    runners: dict[tuple, StageRunner] = opts.session.__dict__.setdefault("_backend_runners", {})
-    if key not in runners:
-        runners[key] = StageRunner(plan, opts.engine, inputs, opts.session, model_key)
-        runners[key].fuse = opts.fuse_stages
-    return runners[key]
+
+    def make() -> StageRunner:
+        runner = StageRunner(plan, opts.engine, inputs, opts.session, model_key)
+        runner.fuse = opts.fuse_stages
+        return runner
+
+    return opts.session.runner_for(key, make)
 
 
 def _input_signature(example_inputs: Sequence[Any]) -> tuple:

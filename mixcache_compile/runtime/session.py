@@ -78,6 +78,8 @@ class CacheSession:
         self._needs = CacheNeeds()
         self._record_set = NOTHING  # what computed calls record, from the needs (built once per bind)
         self._call_hooks: list[CallHook] = []
+        self._runners_by_key: dict[tuple, Any] = {}  # the backend's runners (runner_for)
+        self.compiled: torch.nn.Module | None = None  # enable(): the compiled module (a bare model's handle)
         self._accounting = Accounting()
         self._warned: set[str] = set()
         # The ranks that share one sequence (Note [rank-consistent decisions]); None = world.
@@ -108,6 +110,18 @@ class CacheSession:
         """Run ``hook(runner, flat_args, context)`` at the start of every call (before the
         session changes any state). ``context``: ``current_context()`` at that call."""
         self._call_hooks.append(hook)
+
+    def runner_for(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The runner built for ``key`` (model, engine, graph, inputs), made once by ``make``:
+        an equal graph traced again gets the same runner, so nothing compiles twice and the
+        caches survive (the backend form traces a model twice)."""
+        if key not in self._runners_by_key:
+            self._runners_by_key[key] = make()
+        return self._runners_by_key[key]
+
+    def runners(self) -> tuple[Any, ...]:
+        """The runners ``runner_for`` built (one per distinct traced graph of the backend form)."""
+        return tuple(self._runners_by_key.values())
 
     def bind_model(self, model: torch.nn.Module) -> None:
         """Tell the policy which model it serves (``PolicyBase.bind_model``)."""

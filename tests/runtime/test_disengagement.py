@@ -114,7 +114,7 @@ def test_enabled_pipelines_keep_caching_beside_other_compiled_copies_eager():
     assert ours[0][1].stats()["actions"].get("STEP", 0) > 0
     assert ours[2][1].stats()["actions"].get("STEP", 0) > 0
     # The backend form traced twice (class code, then its own copy) but kept one runner.
-    assert len(backend_form[1]._backend_runners) == 1
+    assert len(backend_form[1].runners()) == 1
 
 
 @pytest.mark.inductor
