@@ -50,7 +50,10 @@ class TransformerFlops:
         self.total = 0
         self.calls = 0
         self._mode = GlobalFlopCounter()
-        self._handles = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit)]
+        # always_call: a forward that raises (cache-dit's module cycle under FlopCounterMode's
+        # tracker) must still leave the mode, or the dispatch mode stays pushed for the rest of
+        # the process and every later torch.compile finds "no compiled frames".
+        self._handles = [model.register_forward_pre_hook(self._enter), model.register_forward_hook(self._exit, always_call=True)]
 
     def _enter(self, module: Any, args: Any) -> None:
         self._mode.__enter__()

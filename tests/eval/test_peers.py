@@ -129,7 +129,7 @@ def test_peer_fraction_is_the_flops_of_the_calls_it_ran(peer):
     assert counted.total == calls * per_call - skipped * unit
 
 
-def test_cache_dit_makes_a_module_cycle_that_only_the_frontier_counter_survives(monkeypatch):
+def test_the_frontier_counter_equals_flop_counter_mode_and_survives_cache_dit(monkeypatch):
     """The RecursionError: during a DBCache forward ``transformer.blocks`` holds cache-dit's
     ``CachedBlocks``, whose child ``transformer`` is the model again; FlopCounterMode's module
     tracker, entered around each transformer call as the frontier counts, walks children until
@@ -147,12 +147,11 @@ def test_cache_dit_makes_a_module_cycle_that_only_the_frontier_counter_survives(
         plain = _count(pipe, pipe.transformer)
     assert ours.total == plain.total > 0
 
+    # Plain FlopCounterMode under DBCache raises RecursionError inside a submodule's forward;
+    # its module tracker's global hooks then outlive the failed call and break every later
+    # count and compile in the process, so the test does not provoke it here.
     peer = peers.CacheDitDBCachePeer(residual_diff_threshold=0.5, max_warmup_steps=2)
     peer.enable(pipe, peers.PeerContext(STEPS))
-    with monkeypatch.context() as m:
-        m.setattr(flops, "GlobalFlopCounter", lambda: FlopCounterMode(display=False))
-        with pytest.raises(RecursionError):
-            _count(pipe, pipe.transformer)
     assert 0 < _count(pipe, pipe.transformer).total < ours.total
 
 
@@ -161,9 +160,9 @@ def test_our_fbcache_fraction_equals_diffusers_first_block_cache_fraction():
     (tests/policies/test_peers.py asserts the same skipped calls at this threshold): ours
     from ``stats()`` (per stage graph), diffusers' by the frontier's per-call counter.
 
-    Runs in a fresh interpreter: after cache-dit has been enabled in a process (the tests
-    above), ``mixcache_compile.enable`` with ``fullgraph=True`` finds no compiled frames
-    (not investigated yet; the frontier times ours before cache-dit runs)."""
+    Runs in a fresh interpreter, so no earlier test's hooks or modes can touch the counts.
+    (What once made ``enable`` find "no compiled frames" after cache-dit was a FlopCounterMode
+    left pushed by a forward that raised; ``TransformerFlops`` now always leaves it.)"""
     import json
     import subprocess
     import sys
