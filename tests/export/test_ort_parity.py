@@ -53,6 +53,9 @@ def test_manifest_names_every_stage_and_variant(exported):
     assert report.max_verify_error is not None and report.max_verify_error <= 1e-5
 
 
+PROLOGUE_PROBE_POLICIES = ("teacache", "mixcache")
+
+
 def test_same_decisions_and_outputs_for_every_policy(exported):
     name, out, _ = exported
     make_pipe, make_kwargs, batched = MODELS[name]
@@ -71,7 +74,13 @@ def test_same_decisions_and_outputs_for_every_policy(exported):
         assert err <= TOL, (policy, err)
         ours, theirs = transformer.session.stats(), session.stats()
         assert ours["actions"] == theirs["actions"], policy
-        assert ours["computed_fraction"] == pytest.approx(theirs["computed_fraction"], rel=1e-12), policy
+        if policy in PROLOGUE_PROBE_POLICIES:
+            # The torch runtime's fused path probes with the probe head only (passes/probe_split.py);
+            # the exported engine runs the whole prologue to probe, so a skipped call costs it more.
+            assert ours["computed_fraction"] >= theirs["computed_fraction"], policy
+            assert ours["flops_full"] == theirs["flops_full"], policy
+        else:
+            assert ours["computed_fraction"] == pytest.approx(theirs["computed_fraction"], rel=1e-12), policy
         reused_somewhere |= {k for k, v in ours["actions"].items() if v and k != "FULL"}
         if policy == "static":
             assert {"STEP", "CFG", "BLOCK", "ATTN"} <= set(ours["actions"]), ours["actions"]
