@@ -24,6 +24,7 @@ def enable(
     cfg: str = "auto",
     fullgraph: bool = True,
     on_bypass: str = "warn",
+    answer_ahead: bool = True,
     **policy_options: Any,
 ) -> CacheSession:
     """Compile ``pipe.transformer`` (or the model itself) with the mixcache backend and wire
@@ -37,7 +38,10 @@ def enable(
     The model gets a ``forward`` code object of its own, so other compiled copies of its class
     in the process cannot make Dynamo skip it (Note [own entry code]); a call that still does
     not reach the session is counted in ``stats()["bypassed_calls"]`` and, by ``on_bypass``,
-    warned about ("warn", once per generation) or raised ("raise").
+    warned about ("warn", once per generation) or raised ("raise"). ``answer_ahead``: a call
+    whose action runs no graph (a step reuse, a CFG rebuild) is answered in the model's entry
+    without entering Dynamo (Note [answered ahead], runtime/shortcut.py); False sends every
+    call through Dynamo (same outputs, slower skipped calls).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(sorted(ENGINES))}")
@@ -50,7 +54,7 @@ def enable(
     session.bind_model(model)  # a policy whose defaults depend on the weights (mixcache's calibration per model)
     # Before torch.compile: OptimizedModule calls model.__call__, which looks up the
     # instance's forward at call time, so every compiled call enters through our own code.
-    install_entry(model, session, on_bypass)
+    install_entry(model, session, on_bypass, answer_ahead)
     compiled = compile_with_session(model, session, engine, fullgraph)
     prepare_context_parallel(compiled, session)  # no-op without diffusers context parallelism
     wire_cache_context(model, session, owner)

@@ -39,6 +39,7 @@ class BackendOptions:
     repeated_blocks: list[str] | None = None
     fuse_stages: bool = True
     on_bypass: str = "warn"
+    answer_ahead: bool = True
 
     @staticmethod
     def parse(options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -47,7 +48,7 @@ class BackendOptions:
         ``options["mode"]``; inductor config goes in ``options["inductor"]`` (a dict)."""
         given = options
         options = dict(options or {})
-        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass"}
+        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass", "answer_ahead"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
@@ -70,7 +71,10 @@ class BackendOptions:
         on_bypass = options.get("on_bypass", "warn")
         if on_bypass not in ON_BYPASS:
             raise TypeError(f"options['on_bypass'] must be one of {ON_BYPASS}, got {on_bypass!r}")
-        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass)
+        answer_ahead = options.get("answer_ahead", True)
+        if not isinstance(answer_ahead, bool):
+            raise TypeError(f"options['answer_ahead'] must be a bool, got {answer_ahead!r}")
+        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass, answer_ahead)
 
 
 # Note [one session per options dict]: a compile without a session gets one built from its
@@ -150,7 +154,7 @@ def _protect_traced_model(opts: BackendOptions) -> None:
     if getattr(getattr(forward, "__func__", forward), "__code__", None) is not tx.f_code:
         return  # the traced frame is not this model's forward (a function compiled directly)
     opts.session.bind_model(model)  # before any call: mixcache picks this model's calibration
-    install_entry(model, opts.session, opts.on_bypass)
+    install_entry(model, opts.session, opts.on_bypass, opts.answer_ahead)
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:
@@ -167,6 +171,10 @@ def mixcache_backend(
 ) -> Callable[..., Any]:
     """``torch.compile(model, backend="mixcache", options={"session": CacheSession(...), "engine": "eager"})``."""
     opts = BackendOptions.parse(options, mode)
+    if not any(n.op in ("call_function", "call_method", "call_module") for n in gm.graph.nodes):
+        # Nothing to compute, nothing to cache (also the identity frame a call answered
+        # ahead passes through, runtime/entry.py): no plan, no warning.
+        return gm.forward
     if detach_context_parallel_hooks(gm):  # diffusers context parallelism: shard-local stages
         check_session_group(gm, opts.session)
     why = _partial_graph_reason(gm)
@@ -195,7 +203,28 @@ def mixcache_backend(
         runner.fuse = opts.fuse_stages
         return runner
 
-    return opts.session.runner_for(key, make)
+    runner = opts.session.runner_for(key, make)
+    runner.frame_side_effects = runner.frame_side_effects or _external_side_effects()
+    return runner
+
+
+def _external_side_effects() -> bool:
+    """Whether the frame being traced changes state outside its graph (an attribute of the
+    model, a global, a hook): the compiled frame replays that after the graph, so a call
+    answered without Dynamo (runtime/shortcut.py) would miss it. Objects the frame itself
+    created (its return value, a temporary tensor) do not count: they reach the caller only
+    as the return value, which the entry rebuilds. Unknown (no frame, another torch): True."""
+    tx = _traced_frame()
+    try:
+        from torch._dynamo.variables.base import AttributeMutationNew, ValueMutationNew
+
+        effects = tx.output.side_effects
+        if effects.tensor_hooks or effects.save_for_backward:
+            return True
+        return any(not isinstance(var.mutation_type, (AttributeMutationNew, ValueMutationNew))
+                   for var in effects._get_modified_vars())
+    except Exception:  # noqa: BLE001 - Dynamo internals we cannot read: assume the worst
+        return True
 
 
 def _input_signature(example_inputs: Sequence[Any]) -> tuple:

@@ -42,8 +42,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch._C._dynamo.eval_frame import get_eval_frame_callback
+from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 from torch._dynamo.decorators import skip as dynamo_skip_frame
+
+from .shortcut import MISSING, Shortcut
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +55,13 @@ _serial = itertools.count()
 _reached = threading.local()
 
 
-def note_reached() -> None:
-    """Called by every ``StageRunner`` call: the call reached the mixcache graph (Note [bypass detector])."""
+def note_reached(runner: Any = None, args: Any = None, outputs: Any = None) -> None:
+    """Called by every ``StageRunner`` call: the call reached the mixcache graph (Note [bypass
+    detector]). While an entry learns a call form (Note [answered ahead]) the runner, its
+    arguments and outputs are kept for it; otherwise nothing is kept alive."""
     _reached.count = getattr(_reached, "count", 0) + 1
+    if getattr(_reached, "capture", False):
+        _reached.captured = (runner, args, outputs)
 
 
 def _reached_count() -> int:
@@ -95,6 +101,49 @@ class ModelEntry:
         self.isolated = isolated
         self.checked_calls = 0
         self._warned_generation: int | None = None
+        # Calls answered without entering Dynamo (Note [answered ahead]); only for a forward
+        # with its own code (a shared one may be skipped by Dynamo, then nothing is learned).
+        self.shortcut = Shortcut(func, bound) if isolated else None
+        self.answered_ahead = 0
+
+    def answer_ahead(self, args: tuple, kwargs: dict) -> Any:
+        """The call's value from the session without Dynamo, or MISSING (Note [answered
+        ahead]). Runs with Dynamo's frame callback off: nothing here may be traced."""
+        shortcut = self.shortcut
+        if shortcut is None or not shortcut.forms:
+            return MISSING
+        previous = set_eval_frame(None)
+        try:
+            out = shortcut.answer(self.session, args, kwargs)
+            if out is not MISSING:
+                self.answered_ahead += 1
+        finally:
+            set_eval_frame(previous)
+        return out
+
+    def run_compiled(self, args: tuple, kwargs: dict) -> Any:
+        """The call through Dynamo (the model's own code copy), checked by the bypass detector;
+        a call form not yet learned is learned from it (Note [answered ahead])."""
+        shortcut = self.shortcut
+        learning = shortcut is not None and shortcut.off is None
+        before = _reached_count()
+        if learning:
+            _reached.capture, _reached.captured = True, None
+        try:
+            out = self.func(*args, **kwargs)
+        finally:
+            _reached.capture = False
+            self.session.drop_pending()  # a call decided ahead that no runner took (a bypass)
+        reached = _reached_count() - before
+        self.after_call(before)
+        if learning:
+            captured, _reached.captured = _reached.captured, None
+            previous = set_eval_frame(None)
+            try:
+                shortcut.learn(args, kwargs, out, captured if reached == 1 else None)
+            finally:
+                set_eval_frame(previous)
+        return out
 
     def after_call(self, reached_before: int) -> None:
         self.checked_calls += 1
@@ -116,33 +165,50 @@ class ModelEntry:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+# torch.compile(fullgraph=True) counts the compiled frames a call ran and raises "found no
+# compiled frames" at zero. A call answered ahead runs no model code at all (no eager
+# fallback either); it passes through this identity on a fixed token, which Dynamo compiles
+# once (an empty graph: no backend call, one guard) and counts. Fixed token: one cache entry.
+_ANSWERED_TOKEN = torch.zeros(())
+
+
+def _answered_ahead_frame(token: torch.Tensor) -> torch.Tensor:
+    return token
+
+
 def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The model's ``forward`` (bound to the instance, so ``copy.deepcopy`` rebinds it to the copy)."""
     entry: ModelEntry = self.__dict__[_ENTRY_ATTR]
     if entry.bound:
         args = (self, *args)
     # Note [bypass detector]: only calls under a Dynamo callback must reach the session.
-    # (No helper frames here: the first frame Dynamo sees must be the model's own copy.)
+    # (Only skipped helper frames here: the first frame Dynamo traces must be the model's own copy.)
     if get_eval_frame_callback() is None:
         return entry.func(*args, **kwargs)
-    before = _reached_count()
-    out = entry.func(*args, **kwargs)
-    entry.after_call(before)
-    return out
+    out = entry.answer_ahead(args, kwargs)
+    if out is not MISSING:
+        _answered_ahead_frame(_ANSWERED_TOKEN)
+        return out
+    return entry.run_compiled(args, kwargs)
 
 
 # Every model's entry is this one function: Dynamo runs its frame eagerly (skip) and starts
-# tracing at the model's own forward copy it calls.
+# tracing at the model's own forward copy it calls. The same for the entry's two helpers: the
+# first frame Dynamo may trace is the model's own copy (``answer_ahead`` then turns the frame
+# callback off altogether).
 dynamo_skip_frame(_mixcache_entry)
+dynamo_skip_frame(ModelEntry.answer_ahead)
+dynamo_skip_frame(ModelEntry.run_compiled)
 
 
 def entry_of(model: torch.nn.Module) -> ModelEntry | None:
     return model.__dict__.get(_ENTRY_ATTR)
 
 
-def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn") -> ModelEntry:
+def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn", answer_ahead: bool = True) -> ModelEntry:
     """Give ``model`` its own forward code object and the bypass detector (Notes [own entry
-    code], [bypass detector]). Idempotent for the same session; a second session is refused."""
+    code], [bypass detector]); ``answer_ahead``: answer calls that run no graph in the entry
+    (Note [answered ahead]). Idempotent for the same session; a second session is refused."""
     if on_bypass not in ON_BYPASS:
         raise ValueError(f"on_bypass must be one of {ON_BYPASS}, got {on_bypass!r}")
     existing = entry_of(model)
@@ -167,6 +233,8 @@ def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn")
             stacklevel=3,
         )
     entry = ModelEntry(session, on_bypass, own, bound, isolated)
+    if not answer_ahead:
+        entry.shortcut = None
     model.__dict__[_ENTRY_ATTR] = entry
     model.forward = types.MethodType(_mixcache_entry, model)
     return entry

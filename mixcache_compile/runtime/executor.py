@@ -75,6 +75,11 @@ class StageRunner:
         self._needs: Any = None
         self._fused: FusedPath | None = None
         self._fused_built = False
+        # Where Dynamo took each graph input from (``L['kwargs']['timestep']``, ...), and
+        # whether a frame traced into this graph changes state outside it: what the model's
+        # entry needs to answer calls without Dynamo (runtime/shortcut.py, Note [answered ahead]).
+        self.arg_sources: list[str] | None = _sources(plan.placeholders)
+        self.frame_side_effects = False
 
     # ---- stage fusion by need (passes/fuse.py) --------------------------------------------
     def set_needs(self, needs: Any) -> None:
@@ -136,6 +141,10 @@ class StageRunner:
             self.flop_notes.setdefault(name, result)
         return total
 
+    def known_full_flops(self, sig: int) -> int | None:
+        """FLOPs of a full call of signature ``sig`` if already known (no arguments needed)."""
+        return self._full_flops.get(sig)
+
     def full_flops(self, args: Sequence[Any], sig: int) -> int:
         """FLOPs of computing this call in full (the denominator of ``computed_fraction``):
         known from a full run of this signature, else counted once."""
@@ -144,8 +153,9 @@ class StageRunner:
         return self._full_flops[sig]
 
     def __call__(self, *args: Any) -> tuple[Any, ...]:
-        note_reached()  # Note [bypass detector]
-        return self.session._run_call(self, args)
+        outputs = self.session._run_call(self, args)
+        note_reached(self, args, outputs)  # Note [bypass detector]
+        return outputs
 
     # ---- stage execution -------------------------------------------------------------
     def _stage(self, stage: StageGraph, env: list[Any], sig: int, args: list[Any] | None = None) -> tuple[tuple[Any, ...], int]:
@@ -280,6 +290,19 @@ class StageRunner:
         except Exception:  # noqa: BLE001 - shapes come from a real run then
             with torch.no_grad():
                 return stage.gm(*plain)
+
+
+def _sources(placeholders: Sequence[Any]) -> list[str] | None:
+    """Dynamo's source name of every graph input, or None if one has none (a graph not
+    traced by Dynamo)."""
+    names = []
+    for node in placeholders:
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is None:
+            return None
+        name = source.name
+        names.append(name() if callable(name) else name)  # a method in older torch
+    return names
 
 
 def probe_value(plan: StagePlan, kind: str, blocks: int, env: Sequence[Any]) -> torch.Tensor:

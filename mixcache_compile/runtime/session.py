@@ -127,6 +127,11 @@ class CacheSession:
         """Tell the policy which model it serves (``PolicyBase.bind_model``)."""
         self._hooks.bind_model(model)
 
+    @property
+    def bound_runner(self) -> Any:
+        """The runner of the graph this session last ran (None before the first call)."""
+        return self._runner
+
     def current_context(self) -> CallContext | None:
         """What ``set_context`` / ``context`` said about the next call(s) on this thread."""
         return getattr(self._local, "ctx", None)
@@ -222,11 +227,22 @@ class CacheSession:
         for hook in self._call_hooks:
             hook(runner, args, ctx)
         self._bind(runner)
-        explicit_step = ctx is not None and ctx.step_index is not None
-        pos = self._tracker.resolve(ctx, None if explicit_step else runner.inputs.timestep_value(args))
+        sig = runner.inputs.user_signature(args)
+        call = self._take_pending(runner)
+        if call is None:
+            explicit_step = ctx is not None and ctx.step_index is not None
+            call = self._open_call(runner, ctx, None if explicit_step else runner.inputs.timestep_value(args), sig)
+        sig_id = runner.intern(sig)
+        outputs, flops = self._execute(runner, args, sig_id, call)
+        self._close_call(runner, call, flops, runner.full_flops(args, sig_id))
+        return tuple(outputs)
+
+    def _open_call(self, runner: Any, ctx: CallContext | None, timestep: float | None, sig: tuple) -> Call:
+        """Where the call is in the loop (a new generation drops every cache), the signature
+        check, and the policy's decision."""
+        pos = self._tracker.resolve(ctx, timestep)
         if pos.new_generation:
             self._new_generation()
-        sig = runner.inputs.user_signature(args)
         if self._signature is not None and sig != self._signature:
             self._records.clear()  # shape/dtype changed: nothing cached may be reused
             self._warn_once("signature", "input shapes or dtypes changed mid-generation: caches dropped, computing in full")
@@ -236,12 +252,54 @@ class CacheSession:
         self._step = pos.step
         call = Call(pos, self._observation(pos))
         call.requested, call.action, call.reason = self._decide(runner, call)
-        sig_id = runner.intern(sig)
-        outputs, flops = self._execute(runner, args, sig_id, call)
-        report = self._accounting.account(call, flops, runner.full_flops(args, sig_id), runner.flop_notes, self.generation,
+        return call
+
+    def _close_call(self, runner: Any, call: Call, flops: int, full_flops: int) -> None:
+        report = self._accounting.account(call, flops, full_flops, runner.flop_notes, self.generation,
                                           self.trace, self.process_group)
         self._hooks.observe(report)
-        return tuple(outputs)
+
+    # ---- calls answered ahead, in the model's entry frame (runtime/shortcut.py) ----------
+    def answer_ahead(self, runner: Any, sig: tuple, timestep: Callable[[], float | None]) -> list[Any] | None:
+        """Note [answered ahead]: decide the next call before any graph runs. If its action
+        runs no graph (a step reuse, a CFG rebuild), run it and return its outputs; else keep
+        the decided call for the runner the compiled frame reaches next and return None.
+        Declines (None, nothing decided) when the call is not this session's usual one:
+        call hooks installed, another runner bound, a signature never computed in full."""
+        if self._call_hooks or runner is not self._runner:
+            return None  # (a runner not bound: the shortcut learns the bound one first)
+        sig_id = runner.intern(sig)
+        full_flops = runner.known_full_flops(sig_id)
+        if full_flops is None:
+            return None
+        ctx = self.current_context()
+        call = self._open_call(runner, ctx, None if ctx is not None and ctx.step_index is not None else timestep(), sig)
+        if describe(call.action, call.pos.branch).runs not in (Runs.NOTHING, Runs.REBUILD):
+            self._local.pending = (runner, call)
+            return None
+        outputs, flops = self._execute(runner, (), sig_id, call)
+        self._close_call(runner, call, flops, full_flops)
+        return outputs
+
+    def _take_pending(self, runner: Any) -> Call | None:
+        """The call ``answer_ahead`` decided for this thread, if any. Reached by another
+        runner (Dynamo recompiled in between, and binding it dropped the caches), its action
+        is checked again and computes in full if no longer available."""
+        pending = getattr(self._local, "pending", None)
+        if pending is None:
+            return None
+        self._local.pending = None
+        decided_for, call = pending
+        if decided_for is not runner and call.obs is not None:
+            reason = self._unavailable(runner, call.pos, call.action)
+            if reason is not None:
+                call.action, call.reason = FULL, reason
+        return call
+
+    def drop_pending(self) -> None:
+        """Forget a call decided ahead that no runner took (the model's entry calls this after
+        every compiled call; such a call was a bypass, which the entry counts)."""
+        self._local.pending = None
 
     def _observation(self, pos: CallPosition) -> Observation | None:
         if pos.step is None:

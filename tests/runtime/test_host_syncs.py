@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import mixcache_compile
+from mixcache_compile.runtime.entry import entry_of
 from mixcache_compile.runtime.host_flags import HOST_COPY_ATTR
 from mixcache_compile.runtime.session import CacheSession
 from tests.runtime.test_disengagement import STEPS, _generate, _pipe
@@ -42,17 +43,33 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
     for name in _READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
-    run_call = CacheSession._run_call
+    # A call reaches the session once: through ``answer_ahead`` (in the model's entry,
+    # runtime/shortcut.py) and, unless answered there, through ``_run_call``; a call that
+    # ``answer_ahead`` decided and left pending continues in ``_run_call`` as the same call.
+    run_call, answer_ahead = CacheSession._run_call, CacheSession.answer_ahead
 
     def counted_call(self, runner, args):
-        per_call.append(0)
+        if getattr(self._local, "pending", None) is None:
+            per_call.append(0)
         inside[0] = True
         try:
             return run_call(self, runner, args)
         finally:
             inside[0] = False
 
+    def counted_answer(self, runner, sig, timestep):
+        per_call.append(0)
+        inside[0] = True
+        try:
+            outputs = answer_ahead(self, runner, sig, timestep)
+        finally:
+            inside[0] = False
+        if outputs is None and getattr(self._local, "pending", None) is None:
+            assert per_call.pop() == 0  # declined before deciding: not a call of its own
+        return outputs
+
     monkeypatch.setattr(CacheSession, "_run_call", counted_call)
+    monkeypatch.setattr(CacheSession, "answer_ahead", counted_answer)
     yield per_call
 
 
@@ -67,6 +84,8 @@ def test_no_device_read_on_calls_whose_action_is_known(monkeypatch, policy, opti
     assert per_call == [0] * (2 * STEPS)
     if policy == "static":
         assert session.stats()["actions"].get("STEP", 0) > 0  # reuse (and its finiteness check) happened
+        model = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+        assert entry_of(model).answered_ahead > 0  # ... in the model's entry, without Dynamo
 
 
 # mixcache with its trigger on (tau): the trigger reads the probe's indicator, not the outputs'

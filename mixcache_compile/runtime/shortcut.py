@@ -1,0 +1,190 @@
+"""Calls answered in the model's entry frame, without entering Dynamo.
+
+Note [answered ahead]: a call whose action the policy knows before any graph runs and that
+runs no graph (a whole-step reuse, ``Runs.NOTHING``, or a CFG rebuild, ``Runs.REBUILD``)
+needs nothing Dynamo does: no guard, no frame, no graph. Yet every such call under
+``torch.compile`` pays Dynamo's frame and its guards (about 1700 of them for a small Wan:
+one per parameter, its dims, module attributes, the attention registry), which measured
+0.3 ms with warm CPU caches and 0.9 ms right after a computed call, most of a skipped
+call's cost. So the model's entry frame (``entry.py``, run eagerly) asks the session first:
+the session resolves the call's position, decides, and if the action runs no graph it
+answers with its cached tensors; otherwise it keeps the decided call for the runner that
+the compiled frame reaches next (``CacheSession._take_pending``), so nothing is decided twice.
+
+Skipping the guards is safe for exactly these calls: their output is a cached tensor (or a
+rebuild from cached tensors), which the Dynamo path would have returned as well whatever
+the guards said; every call that runs a graph still goes through Dynamo and its guards.
+
+What the entry needs to talk to the session the way the runner does, it learns from the
+first call of each *call form* (the argument names, which are tensors, and the values of
+the others) that went through Dynamo, and checks before trusting it:
+  * the graph's inputs by their Dynamo sources (``L['kwargs']['timestep']``, ...), evaluated
+    on the bound arguments: they must give the very tensors the runner received;
+  * the return value: the compiled frame builds it from the runner's outputs (a tuple, a
+    ``Transformer2DModelOutput``); every tensor in it must be one of those outputs (by
+    identity), every other leaf a plain constant.
+Anything else (a frame that mutates state outside its graph, an argument that is not a
+tensor or a plain constant, a source that does not evaluate) leaves the shortcut off for that
+form: the call goes through Dynamo as before.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+log = logging.getLogger(__name__)
+
+MISSING: Any = object()  # "not answered here": the caller goes through Dynamo
+_PLAIN = (type(None), bool, int, float, str)
+_TENSOR = "<tensor>"
+CallForm = tuple
+
+
+def call_form(args: Sequence[Any], kwargs: dict[str, Any]) -> CallForm | None:
+    """What decides the compiled frame's output structure besides tensor shapes: positions
+    and names of the tensor arguments and the values of the others. None: an argument that
+    is neither a tensor nor a plain constant (its contents could change unseen)."""
+    form: list[Any] = []
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            form.append(_TENSOR)
+        elif type(value) in _PLAIN:
+            form.append(value)
+        else:
+            return None
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            form.append((name, _TENSOR))
+        elif type(value) in _PLAIN:
+            form.append((name, value))
+        else:
+            return None
+    return tuple(form)
+
+
+def _getter(sources: Sequence[str]) -> Callable[[dict, dict], tuple[Any, ...]]:
+    """``(L, G) -> tuple`` evaluating Dynamo source names (``L['kwargs']['x']``, ``G['y']``)."""
+    return eval("lambda L, G: (" + "".join(f"{s}, " for s in sources) + ")", {})  # noqa: S307 - names Dynamo wrote
+
+
+@dataclass
+class _Learned:
+    """One call form: which runner its graph is, how to find the inputs the session reads,
+    and how the compiled frame builds its return value from the runner's outputs."""
+
+    runner: Any
+    user_tensors: Callable[[dict, dict], tuple[Any, ...]]
+    timestep: Callable[[dict, dict], tuple[Any, ...]] | None
+    leaves: tuple[Any, ...]  # per leaf of the return value: an output index (int) or ("const", value)
+    spec: Any
+
+    def build(self, outputs: Sequence[Any]) -> Any:
+        return pytree.tree_unflatten([outputs[j] if type(j) is int else j[1] for j in self.leaves], self.spec)
+
+
+class Shortcut:
+    """What the entry of one model learned to answer calls ahead (Note [answered ahead])."""
+
+    def __init__(self, func: Callable[..., Any], bound: bool) -> None:
+        self.skip = 1 if bound else 0  # the model itself comes first in a bound forward's arguments
+        self.off: str | None = None  # why the shortcut is off for this model, if it is
+        self.forms: dict[CallForm, _Learned] = {}
+        self._refused: set[CallForm] = set()
+        try:
+            self.signature = inspect.signature(func, follow_wrapped=False)
+        except (TypeError, ValueError) as err:
+            self.off = f"the forward's signature cannot be read ({err})"
+            return
+        code = getattr(func, "__code__", None)
+        closure = getattr(func, "__closure__", None) or ()
+        self.globals = getattr(func, "__globals__", {})
+        # A frame's locals at entry hold its free variables too (Dynamo's guards read them).
+        self.free = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)} if code else {}
+
+    def locals_of(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The entry frame's locals as Dynamo names them in its sources (``L[...]``)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return {**bound.arguments, **self.free}
+
+    # ---- the hot path --------------------------------------------------------------------
+    def answer(self, session: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        """The call's return value if the session answers it without a graph, else MISSING
+        (the session may then hold the decided call for the runner, see the Note)."""
+        form = call_form(args[self.skip:], kwargs)
+        learned = self.forms.get(form) if form is not None else None
+        if learned is None:
+            return MISSING
+        if learned.runner is not session.bound_runner:
+            # Dynamo recompiled (a new shape): the next call through it teaches the new runner.
+            del self.forms[form]
+            return MISSING
+        L = self.locals_of(args, kwargs)
+        tensors = learned.user_tensors(L, self.globals)
+        signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
+        timestep = learned.timestep
+
+        def timestep_value() -> float | None:
+            if timestep is None:
+                return None
+            t = timestep(L, self.globals)[0]
+            return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
+        outputs = session.answer_ahead(learned.runner, signature, timestep_value)
+        return MISSING if outputs is None else learned.build(outputs)
+
+    # ---- learning from a call that went through Dynamo -----------------------------------
+    def learn(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None) -> None:
+        """After a call through Dynamo that reached exactly one runner (``captured``: the
+        runner, the arguments it got and what it returned), learn its form if it checks."""
+        if self.off is not None:
+            return
+        form = call_form(args[self.skip:], kwargs)
+        if form is None or form in self.forms or form in self._refused:
+            return
+        why = self._why_not(args, kwargs, out, captured, form)
+        if why is not None:
+            self._refused.add(form)
+            log.info("mixcache: calls of this form go through Dynamo every time: %s", why)
+
+    def _why_not(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None,
+                 form: CallForm) -> str | None:
+        if captured is None:
+            return "the call did not reach exactly one mixcache runner"
+        runner, graph_args, graph_outputs = captured
+        sources = getattr(runner, "arg_sources", None)
+        if sources is None or getattr(runner, "frame_side_effects", True):
+            return "the traced frame has no input sources or changes state outside its graph"
+        try:
+            L = self.locals_of(args, kwargs)
+            user = _getter([sources[i] for i in runner.inputs.user_tensors])
+            timestep = _getter([sources[runner.inputs.timestep]]) if runner.inputs.timestep is not None else None
+            found = user(L, self.globals) + (timestep(L, self.globals) if timestep else ())
+        except Exception as err:  # noqa: BLE001 - a source we cannot evaluate: no shortcut
+            return f"an input source does not evaluate ({type(err).__name__}: {err})"
+        wanted = [graph_args[i] for i in runner.inputs.user_tensors]
+        if runner.inputs.timestep is not None:
+            wanted.append(graph_args[runner.inputs.timestep])
+        if len(found) != len(wanted) or any(a is not b for a, b in zip(found, wanted)):
+            return "the input sources do not give the runner's arguments"
+        leaves, spec = pytree.tree_flatten(out)
+        index = {id(o): j for j, o in enumerate(graph_outputs) if isinstance(o, torch.Tensor)}
+        mapped: list[Any] = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor):
+                if id(leaf) not in index:
+                    return "the return value holds a tensor that is not a graph output"
+                mapped.append(index[id(leaf)])
+            elif type(leaf) in _PLAIN:
+                mapped.append(("const", leaf))
+            else:
+                return f"the return value holds a {type(leaf).__name__}"
+        self.forms[form] = _Learned(runner, user, timestep, tuple(mapped), spec)
+        return None
