@@ -171,8 +171,11 @@ def _mean_psnr(pipe: Any, threshold: float, calib: dict[str, Any], samples: Sequ
 
 
 def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: Sequence[tuple[str, int]] | None = None,
-        fn: int = 1, bn: int = 1, search_steps: int = 3, log: Any = print) -> dict[str, Any]:
-    """The whole calibration (module docstring); returns the dict ``load_budget`` reads."""
+        fn: int = 1, bn: int = 1, search_steps: int = 3, damping: float | None = None, log: Any = print) -> dict[str, Any]:
+    """The whole calibration (module docstring); returns the dict ``load_budget`` reads.
+    ``damping`` (the step extrapolation's, e.g. from the schedule simulator) is written into
+    the file and used by the threshold search, so the threshold is found for the policy as it
+    will run; None leaves the policy's default."""
     from ..policies.calibration import BUDGET_FORMAT
 
     samples = list(samples or [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS])
@@ -199,6 +202,8 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
         "savings": savings(pipe, call_kwargs, fn, bn), "rescale": [1.0, 0.0], "threshold": 0.0,
         "target_psnr": target_psnr, "samples": [list(s) for s in samples], "steps": call_kwargs.get("num_inference_steps"),
     }
+    if damping is not None:
+        calib["damping"] = damping
     log(f"rates {r}\ncoefficients {calib['k']}\nsavings {calib['savings']}")
 
     def measure(threshold: float, candidates: tuple[str, ...]) -> tuple[float, float]:

@@ -307,6 +307,8 @@ def parser() -> argparse.ArgumentParser:
                    help="fit mixcache's error-budget coefficients and the threshold reaching this mean PSNR on the "
                         "calibration prompts/seeds (eval/budget_fit.py; --steps defaults to 50 then)")
     p.add_argument("--samples", type=int, default=2, help="--target-psnr: calibration prompt/seed pairs used (budget_fit.py)")
+    p.add_argument("--damping", type=float, default=None,
+                   help="--target-psnr: the step extrapolation's damping, written into the file and used by the threshold search")
     p.add_argument("--search-steps", type=int, default=3, help="--target-psnr: bisection steps of the threshold search")
     # Default "reuse": the shipped sensitivities were made with it, and Gaussian noise ranks
     # reusing the CFG difference about 8x less harmful than the stale difference really is.
@@ -335,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         kwargs.pop("prompt", None)
         samples = [(p, s) for p in CALIBRATION_PROMPTS for s in CALIBRATION_SEEDS][:args.samples]
         result = fit(pipe, kwargs, args.target_psnr, samples=samples, fn=args.Fn, bn=args.Bn, search_steps=args.search_steps,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     damping=args.damping, log=lambda s: print(s, file=sys.stderr, flush=True))
         write_or_print(result, args.out, lambda r: f"threshold {r['threshold']:.4g}, k {json.dumps(r['k'])}", save)
         return 0
     result = calibrate(pipe, kwargs, noise=args.noise, at=args.at, seeds=args.seeds, Fn=args.Fn, Bn=args.Bn, mode=args.mode)

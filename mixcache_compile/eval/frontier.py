@@ -292,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
                    help="run nothing: merge these frontier.json files (a later file's rows replace an earlier's, per method) into OUT")
     p.add_argument("--mixcache-thresholds", default=None, help="comma-separated thresholds replacing mixcache's sweep")
+    p.add_argument("--teacache-thresholds", default=None,
+                   help="comma-separated thresholds replacing teacache's sweep (give the best other the same density)")
     a = p.parse_args(argv)
     if not 1 <= a.prompts <= len(EVAL_PROMPTS) or not 1 <= a.seeds <= len(EVAL_SEEDS):
         p.error(f"--prompts must be 1..{len(EVAL_PROMPTS)} and --seeds 1..{len(EVAL_SEEDS)}")
@@ -300,9 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     points = sweep(a.quick, a.full)
-    if a.mixcache_thresholds:
-        values = [float(v) for v in a.mixcache_thresholds.split(",") if v.strip()]
-        points = [pt for pt in points if pt.method != "mixcache"] + [_ours("mixcache", f"threshold={t}", threshold=t) for t in values]
+    for method, given in (("mixcache", a.mixcache_thresholds), ("teacache", a.teacache_thresholds)):
+        if given:  # replace that method's threshold sweep
+            values = [float(v) for v in given.split(",") if v.strip()]
+            points = [pt for pt in points if pt.method != method] + [_ours(method, f"threshold={t}", threshold=t) for t in values]
     if a.methods:
         keep = [m.strip() for m in a.methods.split(",") if m.strip()]
         drop = [k[1:] for k in keep if k.startswith("-")]

@@ -30,7 +30,7 @@ SHIPPED = sorted(str(p) for p in __import__("pathlib").Path(CALIBRATION_DIR).glo
 class BudgetRule:
     """The controller restated from the docstrings of policies/mixcache.py and budget.py."""
 
-    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.02, final: int = 1, damping: float | None = None) -> None:
+    def __init__(self, calib: dict, threshold: float, steps: int, warmup: float = 0.02, final: int = 0, damping: float | None = None) -> None:
         self.k, self.sav, self.poly = calib["k"], calib["savings"], calib["rescale"]
         self.table = calib.get("timesteps") or None  # the sampler's timesteps at calibration
         self.clock: list[float] = []  # cumulative rescaled indicator per step (no table)
@@ -62,6 +62,14 @@ class BudgetRule:
         lo = min(int(pos), len(self.table) - 2)
         return self.table[lo] + (self.table[lo + 1] - self.table[lo]) * (pos - lo)
 
+    def _size_ratio(self, step: int) -> float:
+        """With a timesteps table the indicator is charged times this step's size over the
+        previous step's, the sampler ending at time 0; 1 at step 0 and without a table."""
+        if self.table is None or step == 0:
+            return 1.0
+        nxt = self._u(step + 1) if step + 1 < self.T else 0.0
+        return max((self._u(step) - nxt) / (self._u(step - 1) - self._u(step)), 0.0)
+
     def _error(self, cand: str, x: float, extrap: bool) -> float:
         total = 0.0
         for q in cand.split("+"):
@@ -80,6 +88,7 @@ class BudgetRule:
         x = sum(c * indicator ** (len(self.poly) - 1 - i) for i, c in enumerate(self.poly)) if math.isfinite(indicator) else math.inf
         x = max(x, 0.0)
         self.clock.append((self.clock[-1] if self.clock else 0.0) + (x if math.isfinite(x) else 0.0))
+        x *= self._size_ratio(step)  # the clock sums the plain x; the budget the charged one
         clean = bool(self.hist) and all(h[-1][1] for h in self.hist.values())
         ok = {"step": clean, "cfg": branch == "cond" and self.delta_full, "block": clean, "attn": clean}
         best, best_err, best_sav = "full", 0.0, 0.0
@@ -140,7 +149,7 @@ class BudgetRule:
 def _drive(calib: dict, rule_threshold: float, **session_options):
     model, make = wan()
     session = CacheSession("mixcache", **session_options)
-    rule = BudgetRule(calib, rule_threshold, STEPS)
+    rule = BudgetRule(calib, rule_threshold, STEPS, final=session_options.get("final_full", 0))
     ref = Reference(model, wan_adapter(model), watch_ranges=[(1, N - 1)], watch_attn=range(N), probe=Probe("prologue"))
     log = drive_separate(model, make, session, ref, rule, STEPS)
     assert not session.stats()["fallbacks"]
@@ -158,6 +167,30 @@ def test_shipped_defaults_match_reference(path, threshold):
     assert rule.chosen == [e[2] for e in session.policy.log]
     if threshold is not None:  # a loose budget reuses, and extrapolates
         assert "step" in rule.chosen
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_final_full_still_forces_the_last_steps(path):
+    """``final_full`` (the paper's final steps, default 0 now) still forces them when set."""
+    calib = load_budget(path)
+    session, rule, log = _drive(calib, 0.5, calibration=path, threshold=0.5, final_full=2)
+    assert rule.chosen == [e[2] for e in session.policy.log]
+    assert rule.chosen[-2:] == ["full", "full"] and "step" in rule.chosen
+
+
+@pytest.mark.parametrize("path", SHIPPED)
+def test_step_size_ratio_discounts_only_the_last_step(path):
+    """With the sampler's timesteps the indicator is charged times this step's size over the
+    previous one's: about 1 in the run, about a third on the last step of the shipped
+    flow-matching schedule (which ends at time 0)."""
+    policy = MixCachePolicy(MixCacheConfig(calibration=path))
+    policy._total = 50
+    t = policy.timesteps + [0.0]
+    ratios = [policy.step_weight(i) for i in range(50)]
+    assert ratios[0] == 1.0
+    assert ratios[49] == pytest.approx(t[49] / (t[48] - t[49])) and ratios[49] < 0.5
+    assert all(0.9 < r < 1.3 for r in ratios[1:49]), ratios
+    assert MixCachePolicy(MixCacheConfig()).step_weight(49) == 1.0  # no timesteps: no weight
 
 
 def test_uncalibrated_fallback_matches_reference():
