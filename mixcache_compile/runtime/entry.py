@@ -125,7 +125,8 @@ class ModelEntry:
         """The call through Dynamo (the model's own code copy), checked by the bypass detector;
         a call form not yet learned is learned from it (Note [answered ahead])."""
         shortcut = self.shortcut
-        learning = shortcut is not None and shortcut.off is None
+        # (before the first call the session's needs are unknown: learning starts with the second)
+        learning = shortcut is not None and shortcut.off is None and self.session.may_answer_ahead
         before = _reached_count()
         if learning:
             _reached.capture, _reached.captured = True, None

@@ -128,6 +128,12 @@ class CacheSession:
         self._hooks.bind_model(model)
 
     @property
+    def may_answer_ahead(self) -> bool:
+        """Whether any call could run no graph: the needs record outputs (step reuse) or the
+        CFG difference (rebuild). Policy ``none`` and graph-only policies never do."""
+        return self._needs.outputs or self._needs.cfg_delta
+
+    @property
     def bound_runner(self) -> Any:
         """The runner of the graph this session last ran (None before the first call)."""
         return self._runner

@@ -118,6 +118,8 @@ class Shortcut:
     def answer(self, session: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         """The call's return value if the session answers it without a graph, else MISSING
         (the session may then hold the decided call for the runner, see the Note)."""
+        if not session.may_answer_ahead:
+            return MISSING
         form = call_form(args[self.skip:], kwargs)
         learned = self.forms.get(form) if form is not None else None
         if learned is None:
