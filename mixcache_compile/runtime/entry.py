@@ -106,24 +106,25 @@ class ModelEntry:
         self.shortcut = Shortcut(func, bound) if isolated else None
         self.answered_ahead = 0
 
-    def answer_ahead(self, args: tuple, kwargs: dict) -> Any:
-        """The call's value from the session without Dynamo, or MISSING (Note [answered
-        ahead]). Runs with Dynamo's frame callback off: nothing here may be traced."""
+    def answer_ahead(self, args: tuple, kwargs: dict, callback: Any) -> tuple[Any, Any]:
+        """``(value, session asked)``: the call's value without Dynamo, or MISSING (Note
+        [answered ahead]). Runs with Dynamo's frame callback off: nothing here may be traced."""
         shortcut = self.shortcut
         if shortcut is None or not shortcut.forms:
-            return MISSING
+            return MISSING, None
         previous = set_eval_frame(None)
         try:
-            out = shortcut.answer(self.session, args, kwargs)
+            out, asked = shortcut.answer(args, kwargs, callback)
             if out is not MISSING:
                 self.answered_ahead += 1
         finally:
             set_eval_frame(previous)
-        return out
+        return out, asked
 
-    def run_compiled(self, args: tuple, kwargs: dict) -> Any:
+    def run_compiled(self, args: tuple, kwargs: dict, callback: Any, asked: Any) -> Any:
         """The call through Dynamo (the model's own code copy), checked by the bypass detector;
-        a call form not yet learned is learned from it (Note [answered ahead])."""
+        a call form not yet learned is learned from it (Note [answered ahead]). ``asked``: the
+        session ``answer_ahead`` consulted, which may hold this call's decision."""
         shortcut = self.shortcut
         # (before the first call the session's needs are unknown: learning starts with the second)
         learning = shortcut is not None and shortcut.off is None and self.session.may_answer_ahead
@@ -134,14 +135,15 @@ class ModelEntry:
             out = self.func(*args, **kwargs)
         finally:
             _reached.capture = False
-            self.session.drop_pending()  # a call decided ahead that no runner took (a bypass)
+            if asked is not None:
+                asked.drop_pending()  # a call decided ahead that no runner took (a bypass)
         reached = _reached_count() - before
         self.after_call(before)
         if learning:
             captured, _reached.captured = _reached.captured, None
             previous = set_eval_frame(None)
             try:
-                shortcut.learn(args, kwargs, out, captured if reached == 1 else None)
+                shortcut.learn(args, kwargs, out, captured if reached == 1 else None, callback)
             finally:
                 set_eval_frame(previous)
         return out
@@ -184,13 +186,14 @@ def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         args = (self, *args)
     # Note [bypass detector]: only calls under a Dynamo callback must reach the session.
     # (Only skipped helper frames here: the first frame Dynamo traces must be the model's own copy.)
-    if get_eval_frame_callback() is None:
+    callback = get_eval_frame_callback()
+    if callback is None:
         return entry.func(*args, **kwargs)
-    out = entry.answer_ahead(args, kwargs)
+    out, asked = entry.answer_ahead(args, kwargs, callback)
     if out is not MISSING:
         _answered_ahead_frame(_ANSWERED_TOKEN)
         return out
-    return entry.run_compiled(args, kwargs)
+    return entry.run_compiled(args, kwargs, callback, asked)
 
 
 # Every model's entry is this one function: Dynamo runs its frame eagerly (skip) and starts

@@ -80,6 +80,7 @@ class _Learned:
     and how the compiled frame builds its return value from the runner's outputs."""
 
     runner: Any
+    callback: Any  # Dynamo's frame callback of the compile that reached ``runner`` (kept alive: its id is a key)
     user_tensors: Callable[[dict, dict], tuple[Any, ...]]
     timestep: Callable[[dict, dict], tuple[Any, ...]] | None
     leaves: tuple[Any, ...]  # per leaf of the return value: an output index (int) or ("const", value)
@@ -95,8 +96,10 @@ class Shortcut:
     def __init__(self, func: Callable[..., Any], bound: bool) -> None:
         self.skip = 1 if bound else 0  # the model itself comes first in a bound forward's arguments
         self.off: str | None = None  # why the shortcut is off for this model, if it is
-        self.forms: dict[CallForm, _Learned] = {}
-        self._refused: set[CallForm] = set()
+        # By (Dynamo callback, call form): two torch.compile wrappers of one model (two
+        # sessions) reach different runners; each call is answered by its own compile's runner.
+        self.forms: dict[tuple[int, CallForm], _Learned] = {}
+        self._refused: set[tuple[int, CallForm]] = set()
         try:
             self.signature = inspect.signature(func, follow_wrapped=False)
         except (TypeError, ValueError) as err:
@@ -115,19 +118,22 @@ class Shortcut:
         return {**bound.arguments, **self.free}
 
     # ---- the hot path --------------------------------------------------------------------
-    def answer(self, session: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
-        """The call's return value if the session answers it without a graph, else MISSING
-        (the session may then hold the decided call for the runner, see the Note)."""
-        if not session.may_answer_ahead:
-            return MISSING
+    def answer(self, args: Sequence[Any], kwargs: dict[str, Any], callback: Any) -> tuple[Any, Any]:
+        """``(value, session)``: the call's return value if the session of the runner this
+        compile reaches answers it without a graph, else MISSING (that session may then hold
+        the decided call for its runner, see the Note); the session asked, or None."""
         form = call_form(args[self.skip:], kwargs)
-        learned = self.forms.get(form) if form is not None else None
-        if learned is None:
-            return MISSING
+        key = (id(callback), form)
+        learned = self.forms.get(key) if form is not None else None
+        if learned is None or learned.callback is not callback:
+            return MISSING, None
+        session = learned.runner.session
+        if not session.may_answer_ahead:
+            return MISSING, None
         if learned.runner is not session.bound_runner:
             # Dynamo recompiled (a new shape): the next call through it teaches the new runner.
-            del self.forms[form]
-            return MISSING
+            del self.forms[key]
+            return MISSING, None
         L = self.locals_of(args, kwargs)
         tensors = learned.user_tensors(L, self.globals)
         signature = tuple((tuple(t.shape), t.dtype) for t in tensors)
@@ -140,24 +146,25 @@ class Shortcut:
             return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
         outputs = session.answer_ahead(learned.runner, signature, timestep_value)
-        return MISSING if outputs is None else learned.build(outputs)
+        return (MISSING if outputs is None else learned.build(outputs)), session
 
     # ---- learning from a call that went through Dynamo -----------------------------------
-    def learn(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None) -> None:
+    def learn(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None, callback: Any) -> None:
         """After a call through Dynamo that reached exactly one runner (``captured``: the
         runner, the arguments it got and what it returned), learn its form if it checks."""
         if self.off is not None:
             return
         form = call_form(args[self.skip:], kwargs)
-        if form is None or form in self.forms or form in self._refused:
+        key = (id(callback), form)
+        if form is None or key in self.forms or key in self._refused:
             return
-        why = self._why_not(args, kwargs, out, captured, form)
+        why = self._why_not(args, kwargs, out, captured, key, callback)
         if why is not None:
-            self._refused.add(form)
+            self._refused.add(key)
             log.info("mixcache: calls of this form go through Dynamo every time: %s", why)
 
     def _why_not(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None,
-                 form: CallForm) -> str | None:
+                 key: tuple[int, CallForm], callback: Any) -> str | None:
         if captured is None:
             return "the call did not reach exactly one mixcache runner"
         runner, graph_args, graph_outputs = captured
@@ -188,5 +195,5 @@ class Shortcut:
                 mapped.append(("const", leaf))
             else:
                 return f"the return value holds a {type(leaf).__name__}"
-        self.forms[form] = _Learned(runner, user, timestep, tuple(mapped), spec)
+        self.forms[key] = _Learned(runner, callback, user, timestep, tuple(mapped), spec)
         return None

@@ -129,3 +129,22 @@ def test_mixcache_answers_the_second_branch_of_a_skipped_step_ahead():
     # second call is answered ahead
     assert fast_entry.answered_ahead == _no_graph_calls(fast_session) > 0
     assert any(e.indicator is not None and e.action.startswith("STEP") for e in fast_session.trace)
+
+
+def test_two_compiles_of_one_model_answer_each_from_their_own_session():
+    """Two torch.compile wrappers of one model object, two sessions with different schedules,
+    calls interleaved: each call is answered by its own compile's session (found by Dynamo's
+    frame callback), equal to the same schedules on two separate models."""
+    model, make = wan()
+    other = {1: "step", 3: "step", (4, "uncond"): "cfg"}
+    separate_a, session_sa = _compiled(copy.deepcopy(model), False, schedule=SCHEDULE)
+    separate_b, session_sb = _compiled(copy.deepcopy(model), False, schedule=other)
+    shared_a, session_a = _compiled(model, True, schedule=SCHEDULE)
+    shared_b, session_b = _compiled(model, True, schedule=other)
+    for _ in range(2):
+        got_a, got_b = _generate(shared_a, session_a, make), _generate(shared_b, session_b, make)
+        want_a, want_b = _generate(separate_a, session_sa, make), _generate(separate_b, session_sb, make)
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(got_a, want_a))
+        assert all(torch.equal(x[0], y[0]) for x, y in zip(got_b, want_b))
+    assert _trace(session_a) == _trace(session_sa) and _trace(session_b) == _trace(session_sb)
+    assert entry_of(model).answered_ahead == _no_graph_calls(session_a) + _no_graph_calls(session_b) > 0
