@@ -8,7 +8,6 @@ from typing import ClassVar
 
 from .config import PolicyConfig, expect_config
 from .base import PolicyBase
-from .protocol import FULL, Action, CacheNeeds, ModelInfo, Observation
 
 
 @dataclass(frozen=True)
@@ -19,16 +18,9 @@ class NoneConfig(PolicyConfig):
 
 
 class NonePolicy(PolicyBase):
+    """Needs nothing, decides FULL, keeps no state: ``PolicyBase``'s defaults are exactly that."""
+
     name = "none"
 
     def __init__(self, config: NoneConfig | None = None) -> None:
         self.config = expect_config(config, NoneConfig)
-
-    def needs(self, model: ModelInfo) -> CacheNeeds:
-        return CacheNeeds()
-
-    def decide(self, obs: Observation) -> Action:
-        return FULL
-
-    def reset(self) -> None:
-        pass
