@@ -178,7 +178,9 @@ class StageRunner:
         action is decided at the probe point). Returns outputs (None if the probe decided
         STEP), FLOPs run, and the residuals / attention outputs recorded on the way."""
         path = self.fused_path()
-        if path is not None and path.accepts(request):
+        if request.resume is not None:  # the probe ran ahead on this path (it said it could)
+            result = path.run(self, args, sig, request)
+        elif path is not None and path.accepts(request):
             result = path.run(self, args, sig, request)
         else:
             result = self._run_units(args, sig, request)

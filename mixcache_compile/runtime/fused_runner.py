@@ -25,7 +25,7 @@ import torch
 from ..passes.fuse import PROBE_PREV, FusedPlan, Group
 from ..policies.protocol import Action, ActionKind
 from .distributed import check_same_layout
-from .request import GraphRequest
+from .request import GraphRequest, ProbedAhead
 
 _BLOCK, _ATTN, _FULL, _STEP = ActionKind.BLOCK, ActionKind.ATTN, ActionKind.FULL, ActionKind.STEP
 _NO_PREVIOUS = (1.0, 0.0)  # indicator [num, den] read as +inf: there is nothing to compare with
@@ -83,6 +83,7 @@ class FusedPath:
         }
         plan = runner.plan
         self.num_slots = fused.num_slots  # a split prologue adds slots (passes/probe_split.py)
+        self.num_inputs = len(plan.placeholders)
         spec = plan.output_spec
         if all(plan.output_is_slot):
             self.outputs_of = _getter(spec)
@@ -103,6 +104,25 @@ class FusedPath:
         if not all(plan.output_is_slot):
             return None
         return _getter([outputs.index(s) for s in plan.output_spec])
+
+    def probe_ahead_inputs(self) -> tuple[int, ...] | None:
+        """The graph inputs (placeholder indices) the first group's probe variant reads, if the
+        first group is a prologue probe group reading graph inputs only: then the probe can run
+        in the model's entry, before Dynamo (``probe_ahead``). Else None."""
+        first = self.runs[0]
+        if first.probe_stage is None or first.first_block is not None or self.probe_key is None or self.probe_key[0] != "prologue":
+            return None
+        slots = [s for s in first.probe_stage.inputs if s != PROBE_PREV]
+        return tuple(slots) if all(0 <= s < self.num_inputs for s in slots) else None
+
+    def probe_ahead(self, runner: Any, sig: int, inputs: dict[int, Any], probe: Any) -> tuple[Action, ProbedAhead]:
+        """Run the first group's probe on ``inputs`` (graph inputs by placeholder index): the
+        action ``probe.decide`` picks and what a resumed run (``run`` with ``resume``) needs."""
+        env: list[Any] = [None] * self.num_slots
+        for slot, value in inputs.items():
+            env[slot] = value
+        decided, flops = self._probe(runner, self.runs[0], env, sig, probe)
+        return decided, ProbedAhead(env, flops)
 
     def accepts(self, request: GraphRequest) -> bool:
         """Whether every cut this call reads is kept (else the unfused path runs it)."""
@@ -139,7 +159,10 @@ class FusedPath:
         if self.direct is not None:  # one graph: ``accepts`` let only FULL calls without probe in
             fn, flops = self._resolve(runner, sig, 0, self.runs[0].stage, args)
             return self.direct(fn(*args)), flops, _NOTHING, _NOTHING
-        env: list[Any] = [None] * self.num_slots
+        resume = request.resume
+        # Resumed (the probe group ran in the model's entry, ``probe_ahead``): the first group's
+        # outputs are in its env, the action is the one the probe decided.
+        env: list[Any] = resume.env if resume is not None else [None] * self.num_slots
         env[: len(args)] = args
         blocks = runner.blocks
         skip = action.block_range if action.kind is _BLOCK else None
@@ -147,8 +170,8 @@ class FusedPath:
         range_inputs: dict[tuple[int, int], list[torch.Tensor]] = {}
         new_res: dict[tuple[int, int], list[torch.Tensor]] = {}
         new_attn: dict[int, list[torch.Tensor]] = {}
-        flops = 0
-        runs, i, n = self.runs, 0, self.num_stages
+        flops = resume.flops if resume is not None else 0
+        runs, i, n = self.runs, (1 if resume is not None else 0), self.num_stages
         while i < n:
             run = runs[i]
             first = run.first_block

@@ -52,6 +52,15 @@ NOTHING = RecordSet()
 
 
 @dataclass(frozen=True)
+class ProbedAhead:
+    """A call whose prologue probe already ran in the model's entry (runtime/shortcut.py):
+    the slot values after the probe group and the FLOPs it ran; the run resumes after it."""
+
+    env: list
+    flops: int
+
+
+@dataclass(frozen=True)
 class GraphRequest:
     """One run of the graph. ``residuals(rng)`` / ``attention[g]`` give the cached values the
     action reuses (read only for what it reuses)."""
@@ -62,6 +71,7 @@ class GraphRequest:
     attention: Mapping[int, list[torch.Tensor]]
     record: RecordSet = NOTHING
     probe: ProbeRun | None = None
+    resume: ProbedAhead | None = None  # the probe group ran ahead: start after it
 
 
 class OnDemand(dict):

@@ -27,7 +27,8 @@ from .actions import Situation, refusal
 from .context import CallContext, CallPosition, StepTracker
 from .distributed import reduce_ratio
 from .records import CacheRecords
-from .request import NOTHING, GraphRequest, OnDemand, ProbeRun, RecordSet
+from .ahead import answer_ahead
+from .request import NOTHING, GraphRequest, OnDemand, ProbedAhead, ProbeRun, RecordSet
 from .trace_log import DEFAULT_TRACE_LIMIT, TraceLog
 
 _CFG_MODES = ("auto", "separate", "batched", "none")
@@ -234,12 +235,12 @@ class CacheSession:
             hook(runner, args, ctx)
         self._bind(runner)
         sig = runner.inputs.user_signature(args)
-        call = self._take_pending(runner)
+        call, resumed = self._take_pending(runner)
         if call is None:
             explicit_step = ctx is not None and ctx.step_index is not None
             call = self._open_call(runner, ctx, None if explicit_step else runner.inputs.timestep_value(args), sig)
         sig_id = runner.intern(sig)
-        outputs, flops = self._execute(runner, args, sig_id, call)
+        outputs, flops = self._execute(runner, args, sig_id, call, resumed)
         self._close_call(runner, call, flops, runner.full_flops(args, sig_id))
         return tuple(outputs)
 
@@ -266,41 +267,32 @@ class CacheSession:
         self._hooks.observe(report)
 
     # ---- calls answered ahead, in the model's entry frame (runtime/shortcut.py) ----------
-    def answer_ahead(self, runner: Any, sig: tuple, timestep: Callable[[], float | None]) -> list[Any] | None:
+    def answer_ahead(self, runner: Any, sig: tuple, timestep: Callable[[], float | None],
+                     graph_inputs: Callable[[Sequence[int]], Sequence[Any]] | None = None) -> list[Any] | None:
         """Note [answered ahead]: decide the next call before any graph runs. If its action
-        runs no graph (a step reuse, a CFG rebuild), run it and return its outputs; else keep
-        the decided call for the runner the compiled frame reaches next and return None.
-        Declines (None, nothing decided) when the call is not this session's usual one:
-        call hooks installed, another runner bound, a signature never computed in full."""
-        if self._call_hooks or runner is not self._runner:
-            return None  # (a runner not bound: the shortcut learns the bound one first)
-        sig_id = runner.intern(sig)
-        full_flops = runner.known_full_flops(sig_id)
-        if full_flops is None:
-            return None
-        ctx = self.current_context()
-        call = self._open_call(runner, ctx, None if ctx is not None and ctx.step_index is not None else timestep(), sig)
-        if describe(call.action, call.pos.branch).runs not in (Runs.NOTHING, Runs.REBUILD):
-            self._local.pending = (runner, call)
-            return None
-        outputs, flops = self._execute(runner, (), sig_id, call)
-        self._close_call(runner, call, flops, full_flops)
-        return outputs
+        runs no graph (a step reuse, a CFG rebuild), or its prologue probe, run here on
+        ``graph_inputs`` (placeholder indices -> values), decides a reuse (Note [probe ahead]),
+        return its outputs; else keep the decided call for the runner the compiled frame
+        reaches next and return None. Declines (None, nothing decided) when the call is not
+        this session's usual one: call hooks, another runner bound, a new signature."""
+        return answer_ahead(self, runner, sig, timestep, graph_inputs)
 
-    def _take_pending(self, runner: Any) -> Call | None:
-        """The call ``answer_ahead`` decided for this thread, if any. Reached by another
-        runner (Dynamo recompiled in between, and binding it dropped the caches), its action
-        is checked again and computes in full if no longer available."""
+    def _take_pending(self, runner: Any) -> tuple[Call | None, ProbedAhead | None]:
+        """The call ``answer_ahead`` decided for this thread, if any, and its probe run ahead.
+        Reached by another runner (Dynamo recompiled in between, and binding it dropped the
+        caches), its action is checked again and computes in full if no longer available; a
+        probe run ahead on the other runner is not resumed (the call runs from the start;
+        that probe's FLOPs are not counted)."""
         pending = getattr(self._local, "pending", None)
         if pending is None:
-            return None
+            return None, None
         self._local.pending = None
-        decided_for, call = pending
-        if decided_for is not runner and call.obs is not None:
-            reason = self._unavailable(runner, call.pos, call.action)
-            if reason is not None:
-                call.action, call.reason = FULL, reason
-        return call
+        decided_for, call, resumed = pending
+        if decided_for is not runner:
+            resumed = None
+            if call.obs is not None and self._unavailable(runner, call.pos, call.action) is not None:
+                call.action, call.reason = FULL, "decided for another graph"
+        return call, resumed
 
     def drop_pending(self) -> None:
         """Forget a call decided ahead that no runner took (the model's entry calls this after
@@ -362,7 +354,8 @@ class CacheSession:
         return ProbeRun(probe.kind, probe.blocks, previous[0] if previous else None, _ProbeDecision(self, runner, call))
 
     # ---- execution: what the action's description says it runs ----------------------------
-    def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: Call) -> tuple[list[Any], int]:
+    def _execute(self, runner: Any, args: Sequence[Any], sig: int, call: Call,
+                 resumed: ProbedAhead | None = None) -> tuple[list[Any], int]:
         b, obs = call.pos.branch, call.obs
         spec = describe(call.action, b)
         if spec.runs is Runs.NOTHING:
@@ -379,7 +372,8 @@ class CacheSession:
         else:  # a prologue probe may pick ATTN: fetch what it picks when the blocks ask
             attn = OnDemand(lambda g: self._attention_for(b, g, obs))
         probe = self._probe_run(runner, call) if spec.runs is Runs.PROBE else None
-        request = GraphRequest(FULL if probe else call.action, b, self._residuals_of(b), attn, self._record_set, probe)
+        # resumed (Note [probe ahead]): the probe ran and decided ``call.action``; no probe here
+        request = GraphRequest(FULL if probe else call.action, b, self._residuals_of(b), attn, self._record_set, probe, resumed)
         outs, flops, new_res, new_attn = runner.run_graph(args, sig, request)
         stamp = Recorded(call.pos.step, True, call.action.kind is ActionKind.FULL)
         self._records.record_internal(b, new_res, new_attn, stamp, call.deviations)

@@ -10,6 +10,8 @@ call's cost. So the model's entry frame (``entry.py``, run eagerly) asks the ses
 the session resolves the call's position, decides, and if the action runs no graph it
 answers with its cached tensors; otherwise it keeps the decided call for the runner that
 the compiled frame reaches next (``CacheSession._take_pending``), so nothing is decided twice.
+A prologue probe (TeaCache's) runs here too, on its compiled probe-head stage, and a reuse it
+decides is answered the same way (Note [probe ahead] in ``ahead.py``).
 
 Skipping the guards is safe for exactly these calls: their output is a cached tensor (or a
 rebuild from cached tensors), which the Dynamo path would have returned as well whatever
@@ -33,7 +35,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,11 +82,25 @@ class _Learned:
     and how the compiled frame builds its return value from the runner's outputs."""
 
     runner: Any
+    sources: list[str]  # every graph input's source, checked against the runner's arguments
     callback: Any  # Dynamo's frame callback of the compile that reached ``runner`` (kept alive: its id is a key)
     user_tensors: Callable[[dict, dict], tuple[Any, ...]]
     timestep: Callable[[dict, dict], tuple[Any, ...]] | None
     leaves: tuple[Any, ...]  # per leaf of the return value: an output index (int) or ("const", value)
     spec: Any
+    _getters: dict = field(default_factory=dict)
+
+    def graph_inputs(self, L: dict, G: dict) -> Callable[[Sequence[int]], tuple[Any, ...]]:
+        """``placeholder indices -> values`` for this call (Note [probe ahead]); the getter
+        for each index set is made once."""
+        def fetch(slots: Sequence[int]) -> tuple[Any, ...]:
+            key = tuple(slots)
+            getter = self._getters.get(key)
+            if getter is None:
+                getter = self._getters[key] = _getter([self.sources[i] for i in key])
+            return getter(L, G)
+
+        return fetch
 
     def build(self, outputs: Sequence[Any]) -> Any:
         return pytree.tree_unflatten([outputs[j] if type(j) is int else j[1] for j in self.leaves], self.spec)
@@ -145,7 +161,7 @@ class Shortcut:
             t = timestep(L, self.globals)[0]
             return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
-        outputs = session.answer_ahead(learned.runner, signature, timestep_value)
+        outputs = session.answer_ahead(learned.runner, signature, timestep_value, learned.graph_inputs(L, self.globals))
         return (MISSING if outputs is None else learned.build(outputs)), session
 
     # ---- learning from a call that went through Dynamo -----------------------------------
@@ -175,13 +191,11 @@ class Shortcut:
             L = self.locals_of(args, kwargs)
             user = _getter([sources[i] for i in runner.inputs.user_tensors])
             timestep = _getter([sources[runner.inputs.timestep]]) if runner.inputs.timestep is not None else None
-            found = user(L, self.globals) + (timestep(L, self.globals) if timestep else ())
+            found = _getter(sources)(L, self.globals)
         except Exception as err:  # noqa: BLE001 - a source we cannot evaluate: no shortcut
             return f"an input source does not evaluate ({type(err).__name__}: {err})"
-        wanted = [graph_args[i] for i in runner.inputs.user_tensors]
-        if runner.inputs.timestep is not None:
-            wanted.append(graph_args[runner.inputs.timestep])
-        if len(found) != len(wanted) or any(a is not b for a, b in zip(found, wanted)):
+        same = [a is b if isinstance(b, torch.Tensor) else (type(a) is type(b) and a == b) for a, b in zip(found, graph_args)]
+        if len(found) != len(graph_args) or not all(same):
             return "the input sources do not give the runner's arguments"
         leaves, spec = pytree.tree_flatten(out)
         index = {id(o): j for j, o in enumerate(graph_outputs) if isinstance(o, torch.Tensor)}
@@ -195,5 +209,5 @@ class Shortcut:
                 mapped.append(("const", leaf))
             else:
                 return f"the return value holds a {type(leaf).__name__}"
-        self.forms[key] = _Learned(runner, callback, user, timestep, tuple(mapped), spec)
+        self.forms[key] = _Learned(runner, list(sources), callback, user, timestep, tuple(mapped), spec)
         return None

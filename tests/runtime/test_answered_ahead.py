@@ -52,8 +52,8 @@ def _run_both(policy: str = "static", generations: int = 2, **options):
 
 
 def _no_graph_calls(session: CacheSession) -> int:
-    """Calls decided before any graph ran (no probe) whose action runs no graph."""
-    return sum(1 for e in session.trace if e.indicator is None and e.action.startswith(("STEP", "CFG")))
+    """Calls whose action runs no graph (a prologue probe, if any, ran ahead in the entry)."""
+    return sum(1 for e in session.trace if e.action.startswith(("STEP", "CFG")))
 
 
 def _trace(session: CacheSession) -> list[tuple]:
@@ -125,8 +125,8 @@ def test_mixcache_answers_the_second_branch_of_a_skipped_step_ahead():
         assert all(torch.equal(a[0], b[0]) for a, b in zip(gen_fast, gen_slow))
     assert _trace(fast_session) == _trace(slow_session)
     assert fast_session.stats()["computed_fraction"] == slow_session.stats()["computed_fraction"]
-    # the first call of a step probes (a graph runs); a reuse decided there for the step's
-    # second call is answered ahead
+    # the first call of a step probes (ahead, in the entry: Note [probe ahead]); the reuse it
+    # decides, and the one it decides for the step's second call, are answered there
     assert fast_entry.answered_ahead == _no_graph_calls(fast_session) > 0
     assert any(e.indicator is not None and e.action.startswith("STEP") for e in fast_session.trace)
 
@@ -148,3 +148,18 @@ def test_two_compiles_of_one_model_answer_each_from_their_own_session():
         assert all(torch.equal(x[0], y[0]) for x, y in zip(got_b, want_b))
     assert _trace(session_a) == _trace(session_sa) and _trace(session_b) == _trace(session_sb)
     assert entry_of(model).answered_ahead == _no_graph_calls(session_a) + _no_graph_calls(session_b) > 0
+
+
+def test_teacache_probes_ahead_and_answers_its_skips_without_dynamo():
+    """Note [probe ahead]: TeaCache's prologue probe runs in the entry; a skip it decides is
+    answered there, a computed call resumes after the probe group (the probe runs once:
+    same FLOPs as through Dynamo)."""
+    (fast, fast_session, fast_entry), (slow, slow_session, _) = _run_both("teacache", threshold=0.5)
+    for gen_fast, gen_slow in zip(fast, slow):
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(gen_fast, gen_slow))
+    assert _trace(fast_session) == _trace(slow_session)
+    for key in ("computed_fraction", "flops_run", "actions"):
+        assert fast_session.stats()[key] == slow_session.stats()[key], key
+    skips = sum(1 for e in fast_session.trace if e.action.startswith("STEP"))
+    # every skip after the entry learned the call form (the first call) was answered ahead
+    assert fast_entry.answered_ahead == skips > 0
