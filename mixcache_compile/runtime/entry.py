@@ -29,6 +29,9 @@ bypass). If it does not, the call ran outside the mixcache graph (a skipped or f
 frame) and was not cached: that is counted in ``stats()["bypassed_calls"]`` and, as chosen
 by ``on_bypass``, warned about (once per generation) or raised. A call of the model outside
 any compile (no callback) is the user's eager model and is not checked.
+
+Calls whose action runs no graph are answered in this entry without entering Dynamo at all
+(Note [answered ahead], ``shortcut.py``; the session's side in ``ahead.py``).
 """
 
 from __future__ import annotations
