@@ -57,11 +57,11 @@ def _count_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
         finally:
             inside[0] = False
 
-    def counted_answer(self, runner, sig, timestep):
+    def counted_answer(self, runner, sig, timestep, graph_inputs=None):
         per_call.append(0)
         inside[0] = True
         try:
-            outputs = answer_ahead(self, runner, sig, timestep)
+            outputs = answer_ahead(self, runner, sig, timestep, graph_inputs)
         finally:
             inside[0] = False
         if outputs is None and getattr(self._local, "pending", None) is None:
