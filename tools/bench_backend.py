@@ -8,7 +8,8 @@ Two models:
 For each policy: a separate-CFG sampling loop (guidance 5, Euler) through the policy's compiled
 model and through plain inductor, interleaved; speedup = plain / policy (median generation
 times), share of ideal = speedup x computed fraction (1.0: every skipped FLOP paid off in
-full). Also: compile time of policy ``none`` vs plain (first call, inductor caches off), the
+full). Also: a second plain copy of the model timed like the first (the noise floor: model
+copies differ by several percent in one process), compile time of policy ``none`` vs plain (first call, inductor caches off), the
 per-call time ratio of policy ``none``, the stage count after fusion, and a recompile check
 (Dynamo frames compiled and engine compiles during the timed runs must not grow).
 Usage: ``python tools/bench_backend.py --model shipped --steps 50`` (see README).
@@ -143,7 +144,13 @@ def main() -> None:
         # detector (runtime/entry.py), which plain calls must not pay for.
         plain = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)
         results["compile_s_plain"], _ = timed(lambda: plain(**call))
-        sessions, compiled_of, fns = {}, {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None)}
+        # Noise floor: a second plain compile of another copy of the model. Copies of one model
+        # differ by up to ~13% per call in one process (memory placement); every policy runs
+        # on a copy of its own, so the two plain copies bound what a ratio can resolve.
+        plain_copy = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)
+        plain_copy(**call)
+        sessions, compiled_of, fns = {}, {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None),
+                                              "plain_copy": lambda: generation(plain_copy, latents, cond, uncond, args.steps, None)}
         for name in names:
             policy, options = POLICIES[name]
             session = sessions[name] = CacheSession(policy, **options)
@@ -181,6 +188,7 @@ def main() -> None:
         results["recompiles_during_timing"] = _frames_compiled() - frames
         results["load_avg_end"] = os.getloadavg()[0]
         results["gen_s_plain"] = gens["plain"]
+        results["plain_copy_ratio"] = {m: gens["plain"][m] / gens["plain_copy"][m] for m in ("wall", "cpu")}
         for name, session in sessions.items():
             stats = session.stats()
             fraction = stats["computed_fraction"]
@@ -209,6 +217,9 @@ def markdown(r: dict) -> str:
         lines.append(f"| `{name}` | {p['stages']} | {p['computed_fraction']:.3f} | {sp['wall']:.2f}x | {sh['wall']:.0%} | "
                      f"{sp['cpu']:.2f}x | {sh['cpu']:.0%} |")
     lines.append("")
+    if "plain_copy_ratio" in r:
+        lines.append(f"Noise floor: a second plain copy ran at {r['plain_copy_ratio']['wall']:.2f}x the first (wall), "
+                     f"{r['plain_copy_ratio']['cpu']:.2f}x (CPU time).")
     if "call_ratio_none" in r:
         ratio, ms = r["call_ratio_none"], r["call_ms_plain"]
         lines.append(f"Per call, policy `none` / plain: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU time "
