@@ -45,12 +45,12 @@ def answer_ahead(session: Any, runner: Any, sig: tuple, timestep: Callable[[], f
         session._close_call(runner, call, flops, full_flops)
         return outputs
     resumed = None
-    if runs is Runs.PROBE and graph_inputs is not None:
-        path = runner.fused_path()
-        slots = path.probe_ahead_inputs() if path is not None else None
+    path = runner.fused_path() if runs is Runs.PROBE and graph_inputs is not None else None
+    slots = path.probe_ahead_inputs if path is not None else None
+    if slots is not None:  # Note [probe ahead]
         probe = session._probe_run(runner, call)
         request = GraphRequest(FULL, branch, session._residuals_of(branch), {}, session._record_set, probe)
-        if slots is not None and path.accepts(request):  # Note [probe ahead]
+        if path.accepts(request):
             decided, resumed = path.probe_ahead(runner, sig_id, dict(zip(slots, graph_inputs(slots))), probe)
             if describe(decided, branch).runs is Runs.NOTHING:
                 outputs = session._reused_outputs(branch, call.obs)

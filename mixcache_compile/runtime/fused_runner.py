@@ -90,6 +90,7 @@ class FusedPath:
         else:
             self.outputs_of = lambda env: tuple(env[s] if is_slot else s for s, is_slot in zip(spec, plan.output_is_slot))
         self.direct = self._direct_outputs(plan, fused)
+        self.probe_ahead_inputs = self._probe_ahead_inputs()
         self._tables: dict[int, list[Any]] = {}  # signature id -> per group (fn, flops) or None
         self._probe_tables: dict[int, Any] = {}
         self._zero_prev: dict[int, torch.Tensor] = {}
@@ -105,10 +106,10 @@ class FusedPath:
             return None
         return _getter([outputs.index(s) for s in plan.output_spec])
 
-    def probe_ahead_inputs(self) -> tuple[int, ...] | None:
+    def _probe_ahead_inputs(self) -> tuple[int, ...] | None:
         """The graph inputs (placeholder indices) the first group's probe variant reads, if the
         first group is a prologue probe group reading graph inputs only: then the probe can run
-        in the model's entry, before Dynamo (``probe_ahead``). Else None."""
+        in the model's entry, before Dynamo (``probe_ahead``). Else None. (Built once.)"""
         first = self.runs[0]
         if first.probe_stage is None or first.first_block is not None or self.probe_key is None or self.probe_key[0] != "prologue":
             return None
