@@ -1,6 +1,6 @@
 """Search step-only and mixed FULL/HALF schedules at equal cost with ``cfg_schedule_sim``.
 
-Usage: PYTHONPATH=. python tools/cfg_schedule_search.py --model deep --costs 12,14 --out notes/cfgx_deep.json
+Usage: PYTHONPATH=. python tools/cfg_schedule_search.py --model deep --costs 12,14 --out docs/experiments/cfgx_deep.json
 
 For each cost ``C`` (half-steps: F = 2, H = 1):
   * step-only: ``C / 2`` full steps, hill-climbed (first improvement) over their positions,
