@@ -112,11 +112,17 @@ def _session_for(options: dict[str, Any] | None, policy: Any) -> CacheSession:
 
 def _partial_graph_reason(gm: fx.GraphModule) -> str | None:
     """A graph Dynamo cut at a graph break covers only part of the model's forward."""
+    # What to do about it: remove the break. fullgraph=True alone does not help a user here
+    # (it turns the break into an error); it names the break's source line, which is how to
+    # find it, so the message says that and quotes Dynamo's own reason where it has one.
+    how = "remove the break to cache this model; compile with fullgraph=True to have Dynamo raise at its source line"
     reason = getattr(gm, "compile_subgraph_reason", None)
     if reason is not None and getattr(reason, "graph_break", False):
-        return "the graph ends at a graph break (compile with fullgraph=True)"
-    if _traced_code_name().startswith("torch_dynamo_resume_in_"):
-        return "the graph resumes after a graph break (compile with fullgraph=True)"
+        said = " ".join(str(getattr(reason, "reason", "") or "").split()).split(" Developer debug context")[0][:240]
+        return f"the graph ends at a graph break{f' ({said})' if said else ''}; {how}"
+    name = _traced_code_name()
+    if name.startswith("torch_dynamo_resume_in_"):
+        return f"the graph resumes after a graph break ({name}); {how}"
     return None
 
 

@@ -154,6 +154,8 @@ def test_graph_break_falls_back_with_a_warning():
         out = compiled(x, t)
     messages = [str(w.message) for w in caught]
     assert any("graph break" in m for m in messages), messages
+    # The warning quotes Dynamo's reason and says what to do about it.
+    assert any("torch._dynamo.graph_break()" in m and "remove the break" in m for m in messages), messages
     torch.testing.assert_close(out, model(x, t), rtol=0, atol=1e-6)
     assert session._runner is None  # neither half was planned: no silent reuse across a break
 
