@@ -6,12 +6,14 @@ Two models:
     launch/Python-bound, where per-call overhead is the whole game);
   * ``--model bench``: a 12-block random-weight Wan (dim 128, 1152 tokens: compute-bound).
 For each policy: a separate-CFG sampling loop (guidance 5, Euler) through the policy's compiled
-model and through plain inductor, interleaved; speedup = plain / policy (median generation
-times), share of ideal = speedup x computed fraction (1.0: every skipped FLOP paid off in
-full). Also: a second plain copy of the model timed like the first (the noise floor: model
-copies differ by several percent in one process), compile time of policy ``none`` vs plain (first call, inductor caches off), the
-per-call time ratio of policy ``none``, the stage count after fusion, and a recompile check
-(Dynamo frames compiled and engine compiles during the timed runs must not grow).
+model and through plain inductor, interleaved, each on ``--copies`` model copies (Note [model
+copies]); speedup = plain / policy (median over rounds of the in-round ratio of mean
+generation times over the copies, Note [paired rounds]), share of ideal =
+speedup x computed fraction (1.0: every skipped FLOP paid off in full). Also: the spread of the
+plain copies' medians (the noise floor), compile time of policy ``none`` vs plain (first
+call, inductor caches off), the per-call time ratio of policy ``none``, the stage count after
+fusion, and a recompile check (Dynamo frames compiled and engine compiles during the timed
+runs must not grow).
 Usage: ``python tools/bench_backend.py --model shipped --steps 50`` (see README).
 """
 
@@ -33,7 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mixcache_compile import CacheSession  # noqa: E402
-from mixcache_compile.eval.timing import timed  # noqa: E402
+from mixcache_compile.eval.timing import interleaved_times, paired_ratio, pooled_median, timed  # noqa: E402
 
 POLICIES = {
     "none": ("none", {}),
@@ -94,25 +96,8 @@ def generation(fn, latents, cond, uncond, steps: int, session: CacheSession | No
     return x
 
 
-def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, dict[str, float]]:
-    """Median wall time and median process CPU time of each function, run round-robin.
-
-    Note [CPU time under load]: on this shared 2-core machine other jobs take time slices
-    from ours, which stretches wall time by a factor that drifts during a run. The process's
-    CPU time (one torch thread) counts only the time our work ran, so its ratios are the
-    trustworthy ones when the load average exceeds the cores; both are reported."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {k: [] for k in fns}
-    cpu: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            cpu[name].append(time.process_time() - c)
-            wall[name].append(time.perf_counter() - w)
-    return {k: {"wall": statistics.median(wall[k]), "cpu": statistics.median(cpu[k])} for k in fns}
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {m: statistics.median(v) for m, v in times.items()}
 
 
 def _frames_compiled() -> int:
@@ -125,61 +110,75 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12, help="blocks of the bench model")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--copies", type=int, default=4, help="model copies per method (Note [model copies])")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {', '.join(POLICIES)}")
     parser.add_argument("--out", default=None, help="JSON path (default out/bench_backend_<model>.json)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other load)")
     args = parser.parse_args()
+    if args.copies < 1 or args.repeats < 1:
+        raise SystemExit("--copies and --repeats must be >= 1")
     torch.set_num_threads(args.threads)
+    # Every copy's first call goes through the model class's shared forward code (diffusers'
+    # ``wrapper``), and each torch.compile brings its own backend callable, so each copy adds
+    # a Dynamo cache entry there (BACKEND_MATCH); past ``recompile_limit`` (8) a fullgraph
+    # compile raises. Plain torch.compile copies hit the same limit: a benchmark with many
+    # copies needs room for them.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * args.copies * (len(POLICIES) + 1))
     model, latents, cond, uncond = shipped_model() if args.model == "shipped" else bench_model(args.layers)
     call = dict(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=cond, return_dict=False)
     names = [p.strip() for p in args.policies.split(",") if p.strip()]
     unknown = [p for p in names if p not in POLICIES]
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; valid: {', '.join(POLICIES)}")
+    copies = range(args.copies)
     results: dict = {"model": args.model, "blocks": len(model.blocks), "steps": args.steps, "repeats": args.repeats,
-                     "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0], "policies": {}}
+                     "copies": args.copies, "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0],
+                     "policies": {}}
     with torch.no_grad():
         torch._dynamo.reset()
-        # Its own copy: the mixcache compiles give ``model`` an entry frame with a bypass
+        fns: dict = {}
+        # Own copies: the mixcache compiles give ``model`` an entry frame with a bypass
         # detector (runtime/entry.py), which plain calls must not pay for.
-        plain = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)
-        results["compile_s_plain"], _ = timed(lambda: plain(**call))
-        # Noise floor: a second plain compile of another copy of the model. Copies of one model
-        # differ by up to ~13% per call in one process (memory placement); every policy runs
-        # on a copy of its own, so the two plain copies bound what a ratio can resolve.
-        plain_copy = torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True)
-        plain_copy(**call)
-        sessions, compiled_of, fns = {}, {}, {"plain": lambda: generation(plain, latents, cond, uncond, args.steps, None),
-                                              "plain_copy": lambda: generation(plain_copy, latents, cond, uncond, args.steps, None)}
+        plains = [torch.compile(copy.deepcopy(model), backend="inductor", fullgraph=True) for _ in copies]
+        results["compile_s_plain"], _ = timed(lambda: plains[0](**call))
+        for k in copies:
+            plains[k](**call)
+            fns[f"plain#{k}"] = lambda p=plains[k]: generation(p, latents, cond, uncond, args.steps, None)
+        sessions: dict[str, list[CacheSession]] = {}
+        compiled_of: dict[str, list] = {}
         for name in names:
             policy, options = POLICIES[name]
-            session = sessions[name] = CacheSession(policy, **options)
-            # One model copy per session (as enable() has it: one session, one model, one entry frame).
-            compiled = torch.compile(copy.deepcopy(model), backend="mixcache", fullgraph=True,
-                                     options={"session": session, "engine": "inductor"})
-            if name == "none":
-                results["compile_s_none"], _ = timed(lambda c=compiled: c(**call))
-                fns["none_call"] = lambda c=compiled: c(**call)
-            compiled_of[name] = compiled
-            fns[name] = (lambda c=compiled, s=session: generation(c, latents, cond, uncond, args.steps, s))
-            fns[name]()  # compile this policy's stages outside the timed runs
-            print(f"compiled {name}: {session.stats()['stages']} stage(s)", flush=True)
-        fns["plain_call"] = lambda: plain(**call)
-        for session in sessions.values():
+            sessions[name], compiled_of[name] = [], []
+            for k in copies:
+                session = CacheSession(policy, **options)
+                # One model copy per session (as enable() has it: one session, one model, one entry frame).
+                compiled = torch.compile(copy.deepcopy(model), backend="mixcache", fullgraph=True,
+                                         options={"session": session, "engine": "inductor"})
+                if name == "none" and k == 0:
+                    results["compile_s_none"], _ = timed(lambda c=compiled: c(**call))
+                sessions[name].append(session)
+                compiled_of[name].append(compiled)
+                fns[f"{name}#{k}"] = (lambda c=compiled, s=session: generation(c, latents, cond, uncond, args.steps, s))
+                fns[f"{name}#{k}"]()  # compile this copy's stages outside the timed runs
+            print(f"compiled {name}: {sessions[name][0].stats()['stages']} stage(s) x {args.copies} copies", flush=True)
+        for session in (s for group in sessions.values() for s in group):
             session.reset_stats()
         frames = _frames_compiled()
-        gens = interleaved({k: v for k, v in fns.items() if not k.endswith("_call")}, repeats=args.repeats, warmup=1)
+        gens = interleaved_times(fns, repeats=args.repeats, warmup=1)
         if "none" in names:
-            calls = interleaved({k: fns[k] for k in ("plain_call", "none_call")}, repeats=args.repeats * 20, warmup=3)
-            results["call_ratio_none"] = {m: calls["plain_call"][m] / calls["none_call"][m] for m in ("wall", "cpu")}
-            results["call_ms_plain"] = {m: 1000 * calls["plain_call"][m] for m in ("wall", "cpu")}
-        # One more generation each, timing every call by the action it ran (outside the timed
-        # runs, so the bookkeeping costs them nothing): what a computed and a skipped call cost.
+            # Per call, one fixed input (every call reads as a new generation to the session).
+            call_fns = {f"{m}#{k}": (lambda c=c: c(**call))
+                        for m, group in (("plain", plains), ("none", compiled_of["none"])) for k, c in enumerate(group)}
+            calls = interleaved_times(call_fns, repeats=args.repeats * 20, warmup=3)
+            results["call_ratio_none"] = paired_ratio(calls, "plain", "none", args.copies)
+            results["call_ms_plain"] = {m: 1000 * v for m, v in pooled_median(calls, "plain", args.copies).items()}
+        # One more generation each on copy 0, timing every call by the action it ran (outside
+        # the timed runs, so the bookkeeping costs them nothing): what a computed and a skipped call cost.
         per_call: dict[str, dict[str, list[tuple[float, float]]]] = {"plain": {}}
-        generation(plain, latents, cond, uncond, args.steps, None, per_call=per_call["plain"])
+        generation(plains[0], latents, cond, uncond, args.steps, None, per_call=per_call["plain"])
         for name in names:
             per_call[name] = {}
-            generation(compiled_of[name], latents, cond, uncond, args.steps, sessions[name], per_call=per_call[name])
+            generation(compiled_of[name][0], latents, cond, uncond, args.steps, sessions[name][0], per_call=per_call[name])
         results["call_ms_by_action"] = {
             name: {a: {m: round(1000 * statistics.median(t[i] for t in v), 3) for i, m in enumerate(("wall", "cpu"))}
                    for a, v in by_action.items()}
@@ -187,16 +186,29 @@ def main() -> None:
         }
         results["recompiles_during_timing"] = _frames_compiled() - frames
         results["load_avg_end"] = os.getloadavg()[0]
-        results["gen_s_plain"] = gens["plain"]
-        results["plain_copy_ratio"] = {m: gens["plain"][m] / gens["plain_copy"][m] for m in ("wall", "cpu")}
-        for name, session in sessions.items():
-            stats = session.stats()
-            fraction = stats["computed_fraction"]
-            speedup = {m: gens["plain"][m] / gens[name][m] for m in ("wall", "cpu")}
+        plain_gen = pooled_median(gens, "plain", args.copies)
+        results["gen_s_plain"] = plain_gen
+        results["gen_s_by_copy"] = {key: medians(t) for key, t in gens.items()}
+        plain_copy_medians = [medians(gens[f"plain#{k}"]) for k in copies]
+        results["plain_copy_spread"] = {m: max(c[m] for c in plain_copy_medians) / min(c[m] for c in plain_copy_medians)
+                                        for m in ("wall", "cpu")}
+        if args.copies >= 2:
+            # The floor a ratio can resolve: the plain copies split in two halves, compared
+            # the way every method is compared with plain (Note [paired rounds]).
+            half = args.copies // 2
+            halves = {f"a#{k}": gens[f"plain#{k}"] for k in range(half)} | {f"b#{k}": gens[f"plain#{half + k}"] for k in range(half)}
+            results["plain_halves_ratio"] = paired_ratio(halves, "a", "b", half)
+        for name, group in sessions.items():
+            stats = [s.stats() for s in group]
+            fraction = stats[0]["computed_fraction"]
+            if any(s["computed_fraction"] != fraction for s in stats):
+                raise SystemExit(f"{name}: copies of one model made different decisions: "
+                                 f"{[s['computed_fraction'] for s in stats]}")
+            speedup = paired_ratio(gens, "plain", name, args.copies)
             results["policies"][name] = {
-                "gen_s": gens[name], "speedup": speedup, "computed_fraction": fraction,
-                "share_of_ideal": {m: v * fraction for m, v in speedup.items()}, "stages": stats["stages"],
-                "compiles": session._runner.engine.compiles, "generations": stats["generations"],
+                "gen_s": pooled_median(gens, name, args.copies), "speedup": speedup, "computed_fraction": fraction,
+                "share_of_ideal": {m: v * fraction for m, v in speedup.items()}, "stages": stats[0]["stages"],
+                "compiles": group[0]._runner.engine.compiles, "generations": stats[0]["generations"],
             }
     out = Path(args.out or f"out/bench_backend_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +219,8 @@ def main() -> None:
 def markdown(r: dict) -> str:
     lines = [
         f"Model `{r['model']}` ({r['blocks']} blocks); {r['steps']} steps x 2 CFG calls (guidance 5); {r['threads']} thread; "
-        f"medians of {r['repeats']} interleaved generations; load average {r['load_avg_start']:.1f} -> {r['load_avg_end']:.1f}.",
+        f"{r['repeats']} rounds of interleaved generations (random order) x {r.get('copies', 1)} model copies per method, "
+        f"speedup = median over rounds of the in-round ratio; load average {r['load_avg_start']:.1f} -> {r['load_avg_end']:.1f}.",
         "",
         "| policy | stages | computed fraction | speedup vs plain (wall) | share of ideal (wall) | speedup (CPU time) | share of ideal (CPU time) |",
         "|---|---|---|---|---|---|---|",
@@ -217,9 +230,14 @@ def markdown(r: dict) -> str:
         lines.append(f"| `{name}` | {p['stages']} | {p['computed_fraction']:.3f} | {sp['wall']:.2f}x | {sh['wall']:.0%} | "
                      f"{sp['cpu']:.2f}x | {sh['cpu']:.0%} |")
     lines.append("")
-    if "plain_copy_ratio" in r:
-        lines.append(f"Noise floor: a second plain copy ran at {r['plain_copy_ratio']['wall']:.2f}x the first (wall), "
-                     f"{r['plain_copy_ratio']['cpu']:.2f}x (CPU time).")
+    if "plain_copy_spread" in r:
+        lines.append(f"Noise floor: the plain copies' medians span {r['plain_copy_spread']['wall']:.2f}x (wall), "
+                     f"{r['plain_copy_spread']['cpu']:.2f}x (CPU time), slowest / fastest.")
+    if "plain_halves_ratio" in r:
+        lines.append(f"Plain against plain (copies split in halves, same estimator): {r['plain_halves_ratio']['wall']:.3f}x wall, "
+                     f"{r['plain_halves_ratio']['cpu']:.3f}x CPU time.")
+    if "gen_s_by_copy" in r:
+        lines.append("Median generation by copy (s, wall): " + ", ".join(f"{k} {t['wall']:.3f}" for k, t in r["gen_s_by_copy"].items()) + ".")
     if "call_ratio_none" in r:
         ratio, ms = r["call_ratio_none"], r["call_ms_plain"]
         lines.append(f"Per call, policy `none` / plain: {ratio['wall']:.3f}x wall, {ratio['cpu']:.3f}x CPU time "
