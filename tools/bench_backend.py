@@ -120,9 +120,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Every copy's first call goes through the model class's shared forward code (diffusers'
     # ``wrapper``), and each torch.compile brings its own backend callable, so each copy adds
-    # a Dynamo cache entry there (BACKEND_MATCH); past ``recompile_limit`` (8) a fullgraph
-    # compile raises. Plain torch.compile copies hit the same limit: a benchmark with many
-    # copies needs room for them.
+    # a Dynamo cache entry there (BACKEND_MATCH, seen with 4 copies of each of 3 methods);
+    # past ``recompile_limit`` (8) a fullgraph compile raises. Plain torch.compile copies add
+    # their entries the same way: a benchmark with many copies needs room for them.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * args.copies * (len(POLICIES) + 1))
     model, latents, cond, uncond = shipped_model() if args.model == "shipped" else bench_model(args.layers)
     call = dict(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=cond, return_dict=False)
@@ -188,8 +188,8 @@ def main() -> None:
         results["load_avg_end"] = os.getloadavg()[0]
         plain_gen = pooled_median(gens, "plain", args.copies)
         results["gen_s_plain"] = plain_gen
-        results["gen_s_by_copy"] = {key: medians(t) for key, t in gens.items()}
-        plain_copy_medians = [medians(gens[f"plain#{k}"]) for k in copies]
+        by_copy = results["gen_s_by_copy"] = {key: medians(t) for key, t in gens.items()}
+        plain_copy_medians = [by_copy[f"plain#{k}"] for k in copies]
         results["plain_copy_spread"] = {m: max(c[m] for c in plain_copy_medians) / min(c[m] for c in plain_copy_medians)
                                         for m in ("wall", "cpu")}
         if args.copies >= 2:

@@ -66,11 +66,11 @@ def copy_keys(method: str, copies: int) -> list[str]:
 def pooled_median(times: Times, method: str, copies: int) -> dict[str, float]:
     """Median over every round of every copy of ``method``.
 
-    Note [model copies]: two ``torch.compile`` copies of one model can differ by 10-17% per
-    generation in one process on this machine, and a copy tends to stay fast or slow for the
-    run (same kernels, same page faults: memory placement, presumably). One copy per method
-    measures its copy's luck as much as the method, so benchmarks give every method several
-    copies."""
+    Note [model copies]: ``torch.compile`` copies of one model differed by 7-21% per
+    generation in one process on this machine (slowest / fastest plain copy, 2-8 copies, eight
+    runs), and a copy tends to stay fast or slow for the run (same kernels, same page faults;
+    the cause was not found). One copy per method measures its copy's luck as much as the
+    method, so benchmarks give every method several copies."""
     return {m: statistics.median(x for key in copy_keys(method, copies) for x in times[key][m]) for m in METRICS}
 
 
