@@ -25,6 +25,7 @@ def enable(
     fullgraph: bool = True,
     on_bypass: str = "warn",
     answer_ahead: bool = True,
+    guards: str = "per_generation",
     **policy_options: Any,
 ) -> CacheSession:
     """Compile ``pipe.transformer`` (or the model itself) with the mixcache backend and wire
@@ -41,7 +42,11 @@ def enable(
     warned about ("warn", once per generation) or raised ("raise"). ``answer_ahead``: a call
     whose action runs no graph (a step reuse, a CFG rebuild) is answered in the model's entry
     without entering Dynamo (Note [answered ahead], runtime/shortcut.py); False sends every
-    call through Dynamo (same outputs, slower skipped calls).
+    call through Dynamo (same outputs, slower skipped calls). ``guards``: "per_generation"
+    (the default) checks Dynamo's guards on the first call of each generation and runs the
+    generation's later calls that compute without them (Note [guards once per generation],
+    runtime/shortcut.py: the model must not change during a generation); "every_call" checks
+    them on every call that runs a graph, as plain ``torch.compile`` does.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(sorted(ENGINES))}")
@@ -54,7 +59,7 @@ def enable(
     session.bind_model(model)  # a policy whose defaults depend on the weights (mixcache's calibration per model)
     # Before torch.compile: OptimizedModule calls model.__call__, which looks up the
     # instance's forward at call time, so every compiled call enters through our own code.
-    install_entry(model, session, on_bypass, answer_ahead)
+    install_entry(model, session, on_bypass, answer_ahead, guards)
     compiled = compile_with_session(model, session, engine, fullgraph)
     prepare_context_parallel(compiled, session)  # no-op without diffusers context parallelism
     wire_cache_context(model, session, owner)

@@ -24,7 +24,7 @@ from .parallel import check_session_group
 from .passes.context_parallel_hooks import detach_context_parallel_hooks
 from .passes.plan import PlanError, plan_stages
 from .policies import DEFAULT_POLICY
-from .runtime.entry import ON_BYPASS, entry_of, install_entry
+from .runtime.entry import GUARDS, ON_BYPASS, entry_of, install_entry
 from .runtime.executor import StageRunner
 from .runtime.inputs import classify_inputs
 from .runtime.session import CacheSession
@@ -40,6 +40,7 @@ class BackendOptions:
     fuse_stages: bool = True
     on_bypass: str = "warn"
     answer_ahead: bool = True
+    guards: str = "per_generation"
 
     @staticmethod
     def parse(options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
@@ -48,7 +49,7 @@ class BackendOptions:
         ``options["mode"]``; inductor config goes in ``options["inductor"]`` (a dict)."""
         given = options
         options = dict(options or {})
-        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass", "answer_ahead"}
+        valid = {"session", "engine", "repeated_blocks", "policy", "mode", "inductor", "fuse_stages", "on_bypass", "answer_ahead", "guards"}
         unknown = sorted(set(options) - valid)
         if unknown:
             raise TypeError(f"unknown mixcache option(s) {unknown}; valid options: {sorted(valid)}")
@@ -74,7 +75,10 @@ class BackendOptions:
         answer_ahead = options.get("answer_ahead", True)
         if not isinstance(answer_ahead, bool):
             raise TypeError(f"options['answer_ahead'] must be a bool, got {answer_ahead!r}")
-        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass, answer_ahead)
+        guards = options.get("guards", "per_generation")
+        if guards not in GUARDS:
+            raise TypeError(f"options['guards'] must be one of {GUARDS}, got {guards!r}")
+        return BackendOptions(session, engine, list(blocks) if blocks else None, fuse, on_bypass, answer_ahead, guards)
 
 
 # Note [one session per options dict]: a compile without a session gets one built from its
@@ -160,7 +164,7 @@ def _protect_traced_model(opts: BackendOptions) -> None:
     if getattr(getattr(forward, "__func__", forward), "__code__", None) is not tx.f_code:
         return  # the traced frame is not this model's forward (a function compiled directly)
     opts.session.bind_model(model)  # before any call: mixcache picks this model's calibration
-    install_entry(model, opts.session, opts.on_bypass, opts.answer_ahead)
+    install_entry(model, opts.session, opts.on_bypass, opts.answer_ahead, opts.guards)
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:

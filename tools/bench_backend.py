@@ -113,6 +113,8 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=4, help="model copies per method (Note [model copies])")
     parser.add_argument("--policies", default=",".join(POLICIES), help=f"comma list of {', '.join(POLICIES)}")
     parser.add_argument("--out", default=None, help="JSON path (default out/bench_backend_<model>.json)")
+    parser.add_argument("--guards", choices=["per_generation", "every_call"], default="per_generation",
+                        help="mixcache's guards option (Note [guards once per generation]); plain always checks every call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other load)")
     args = parser.parse_args()
     if args.copies < 1 or args.repeats < 1:
@@ -132,7 +134,7 @@ def main() -> None:
         raise SystemExit(f"unknown policies {unknown}; valid: {', '.join(POLICIES)}")
     copies = range(args.copies)
     results: dict = {"model": args.model, "blocks": len(model.blocks), "steps": args.steps, "repeats": args.repeats,
-                     "copies": args.copies, "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0],
+                     "copies": args.copies, "threads": torch.get_num_threads(), "guards": args.guards, "load_avg_start": os.getloadavg()[0],
                      "policies": {}}
     with torch.no_grad():
         torch._dynamo.reset()
@@ -153,7 +155,7 @@ def main() -> None:
                 session = CacheSession(policy, **options)
                 # One model copy per session (as enable() has it: one session, one model, one entry frame).
                 compiled = torch.compile(copy.deepcopy(model), backend="mixcache", fullgraph=True,
-                                         options={"session": session, "engine": "inductor"})
+                                         options={"session": session, "engine": "inductor", "guards": args.guards})
                 if name == "none" and k == 0:
                     results["compile_s_none"], _ = timed(lambda c=compiled: c(**call))
                 sessions[name].append(session)

@@ -53,6 +53,7 @@ from .shortcut import MISSING, Shortcut
 log = logging.getLogger(__name__)
 
 ON_BYPASS = ("warn", "raise")
+GUARDS = ("per_generation", "every_call")  # Note [guards once per generation] in shortcut.py
 _ENTRY_ATTR = "_mixcache_entry"
 _serial = itertools.count()
 _reached = threading.local()
@@ -63,6 +64,7 @@ def note_reached(runner: Any = None, args: Any = None, outputs: Any = None) -> N
     detector]). While an entry learns a call form (Note [answered ahead]) the runner, its
     arguments and outputs are kept for it; otherwise nothing is kept alive."""
     _reached.count = getattr(_reached, "count", 0) + 1
+    _reached.runner = runner
     if getattr(_reached, "capture", False):
         _reached.captured = (runner, args, outputs)
 
@@ -94,7 +96,8 @@ def own_code_copy(func: types.FunctionType, tag: str) -> types.FunctionType:
 class ModelEntry:
     """What :func:`install_entry` put on a model: the session it serves and the bypass count."""
 
-    def __init__(self, session: Any, on_bypass: str, func: Callable[..., Any], bound: bool, isolated: bool) -> None:
+    def __init__(self, session: Any, on_bypass: str, func: Callable[..., Any], bound: bool, isolated: bool,
+                 guards: str = "per_generation") -> None:
         self.session = session
         self.on_bypass = on_bypass
         # The model's forward function with its own code object (or the original if it cannot
@@ -106,7 +109,7 @@ class ModelEntry:
         self._warned_generation: int | None = None
         # Calls answered without entering Dynamo (Note [answered ahead]); only for a forward
         # with its own code (a shared one may be skipped by Dynamo, then nothing is learned).
-        self.shortcut = Shortcut(func, bound) if isolated else None
+        self.shortcut = Shortcut(func, bound, direct=guards == "per_generation") if isolated else None
         self.answered_ahead = 0
 
     def answer_ahead(self, args: tuple, kwargs: dict, callback: Any) -> tuple[Any, Any]:
@@ -117,12 +120,18 @@ class ModelEntry:
             return MISSING, None
         previous = set_eval_frame(None)
         try:
+            direct_before = shortcut.direct_calls
             out, asked = shortcut.answer(args, kwargs, callback)
-            if out is not MISSING:
+            if out is not MISSING and shortcut.direct_calls == direct_before:
                 self.answered_ahead += 1
         finally:
             set_eval_frame(previous)
         return out, asked
+
+    @property
+    def direct_calls(self) -> int:
+        """Calls that ran a graph without Dynamo (Note [guards once per generation])."""
+        return self.shortcut.direct_calls if self.shortcut is not None else 0
 
     def run_compiled(self, args: tuple, kwargs: dict, callback: Any, asked: Any) -> Any:
         """The call through Dynamo (the model's own code copy), checked by the bypass detector;
@@ -130,7 +139,7 @@ class ModelEntry:
         session ``answer_ahead`` consulted, which may hold this call's decision."""
         shortcut = self.shortcut
         # (before the first call the session's needs are unknown: learning starts with the second)
-        learning = shortcut is not None and shortcut.off is None and self.session.may_answer_ahead
+        learning = shortcut is not None and shortcut.off is None and (self.session.may_answer_ahead or shortcut.direct)
         before = _reached_count()
         if learning:
             _reached.capture, _reached.captured = True, None
@@ -142,11 +151,14 @@ class ModelEntry:
                 asked.drop_pending()  # a call decided ahead that no runner took (a bypass)
         reached = _reached_count() - before
         self.after_call(before)
-        if learning:
-            captured, _reached.captured = _reached.captured, None
+        if learning or (shortcut is not None and shortcut.direct and reached == 1):
+            captured, _reached.captured = getattr(_reached, "captured", None), None
             previous = set_eval_frame(None)
             try:
-                shortcut.learn(args, kwargs, out, captured if reached == 1 else None, callback)
+                if learning:
+                    shortcut.learn(args, kwargs, out, captured if reached == 1 else None, callback)
+                if reached == 1:  # Note [guards once per generation]
+                    shortcut.validate(args, kwargs, callback, _reached.runner)
             finally:
                 set_eval_frame(previous)
         return out
@@ -212,12 +224,17 @@ def entry_of(model: torch.nn.Module) -> ModelEntry | None:
     return model.__dict__.get(_ENTRY_ATTR)
 
 
-def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn", answer_ahead: bool = True) -> ModelEntry:
+def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn", answer_ahead: bool = True,
+                  guards: str = "per_generation") -> ModelEntry:
     """Give ``model`` its own forward code object and the bypass detector (Notes [own entry
     code], [bypass detector]); ``answer_ahead``: answer calls that run no graph in the entry
-    (Note [answered ahead]). Idempotent for the same session; a second session is refused."""
+    (Note [answered ahead]); ``guards``: Dynamo's guards on every call that runs a graph, or
+    on the first of each generation (Note [guards once per generation]; needs
+    ``answer_ahead``). Idempotent for the same session; a second session is refused."""
     if on_bypass not in ON_BYPASS:
         raise ValueError(f"on_bypass must be one of {ON_BYPASS}, got {on_bypass!r}")
+    if guards not in GUARDS:
+        raise ValueError(f"guards must be one of {GUARDS}, got {guards!r}")
     existing = entry_of(model)
     if existing is not None:
         if existing.session is not session:
@@ -239,7 +256,7 @@ def install_entry(model: torch.nn.Module, session: Any, on_bypass: str = "warn",
             RuntimeWarning,
             stacklevel=3,
         )
-    entry = ModelEntry(session, on_bypass, own, bound, isolated)
+    entry = ModelEntry(session, on_bypass, own, bound, isolated, guards)
     if not answer_ahead:
         entry.shortcut = None
     model.__dict__[_ENTRY_ATTR] = entry

@@ -294,6 +294,11 @@ class CacheSession:
                 call.action, call.reason = FULL, "decided for another graph"
         return call, resumed
 
+    def pending_call(self, runner: Any) -> Call | None:
+        """The call ``answer_ahead`` decided for ``runner`` on this thread, not yet taken."""
+        pending = getattr(self._local, "pending", None)
+        return pending[1] if pending is not None and pending[0] is runner else None
+
     def drop_pending(self) -> None:
         """Forget a call decided ahead that no runner took (the model's entry calls this after
         every compiled call; such a call was a bypass, which the entry counts)."""

@@ -28,12 +28,34 @@ the others) that went through Dynamo, and checks before trusting it:
 Anything else (a frame that mutates state outside its graph, an argument that is not a
 tensor or a plain constant, a source that does not evaluate) leaves the shortcut off for that
 form: the call goes through Dynamo as before.
+
+Note [guards once per generation]: a call that runs a graph goes through Dynamo for its
+guards, about 1700 checks for a small Wan (every parameter's dims and strides, module
+attributes, the attention registry) that cost 0.75-1 ms a call against a 7 ms call on the
+shipped model: the same for plain ``torch.compile``, and the largest fixed cost either has.
+With ``guards="per_generation"`` (the default) only the first call of each generation pays
+them: the entry runs every later call of the generation on the runner directly, with the
+graph inputs read through their sources (so a parameter replaced in place is the one
+passed), when all of these hold, and else goes through Dynamo as before:
+  * a call of the same form went through Dynamo *in this generation* and reached this
+    runner (``validate``): whatever Dynamo's guards check about the model (its parameters,
+    hooks, attention processors, LoRA layers, training flag) held at this generation's start;
+  * the call is not the first of a generation (the session's position says so);
+  * the global modes Dynamo guards (grad, inference mode, autocast, Dynamo's stance) and every
+    tensor input's dtype, and the user tensors' shapes, strides and devices, are the ones
+    that validated call had (``_direct_key``; a new shape then recompiles through Dynamo).
+What is not checked between a generation's calls is the model's structure (a hook added, a
+processor swapped, an attribute Dynamo guards changed in the middle of a denoising loop):
+the contract is that the model stays as it is during a generation, as every cache already
+assumes; a change between generations is seen by the next generation's first call.
+``guards="every_call"`` keeps Dynamo's guards on every call that runs a graph.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,6 +110,12 @@ class _Learned:
     timestep: Callable[[dict, dict], tuple[Any, ...]] | None
     leaves: tuple[Any, ...]  # per leaf of the return value: an output index (int) or ("const", value)
     spec: Any
+    inputs: Callable[[dict, dict], tuple[Any, ...]]  # every graph input, in placeholder order
+    dtypes: Callable[[Sequence[Any]], tuple[Any, ...]]  # inputs -> the tensor inputs' dtypes
+    # Note [guards once per generation]: the generation a call of this form last passed
+    # Dynamo's guards and reached ``runner`` in, and what that call looked like
+    validated: int | None = None
+    direct_key: tuple | None = None
     _getters: dict = field(default_factory=dict)
 
     def graph_inputs(self, L: dict, G: dict) -> Callable[[Sequence[int]], tuple[Any, ...]]:
@@ -109,8 +137,10 @@ class _Learned:
 class Shortcut:
     """What the entry of one model learned to answer calls ahead (Note [answered ahead])."""
 
-    def __init__(self, func: Callable[..., Any], bound: bool) -> None:
+    def __init__(self, func: Callable[..., Any], bound: bool, direct: bool = True) -> None:
         self.skip = 1 if bound else 0  # the model itself comes first in a bound forward's arguments
+        self.direct = direct  # Note [guards once per generation]
+        self.direct_calls = 0
         self.off: str | None = None  # why the shortcut is off for this model, if it is
         # By (Dynamo callback, call form): two torch.compile wrappers of one model (two
         # sessions) reach different runners; each call is answered by its own compile's runner.
@@ -144,7 +174,7 @@ class Shortcut:
         if learned is None or learned.callback is not callback:
             return MISSING, None
         session = learned.runner.session
-        if not session.may_answer_ahead:
+        if not (session.may_answer_ahead or self.direct):
             return MISSING, None
         if learned.runner is not session.bound_runner:
             # Dynamo recompiled (a new shape): the next call through it teaches the new runner.
@@ -162,7 +192,37 @@ class Shortcut:
             return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
 
         outputs = session.answer_ahead(learned.runner, signature, timestep_value, learned.graph_inputs(L, self.globals))
+        if outputs is None and self.direct:
+            outputs = self._run_direct(learned, session, L, tensors)
         return (MISSING if outputs is None else learned.build(outputs)), session
+
+    def _run_direct(self, learned: _Learned, session: Any, L: dict, tensors: Sequence[Any]) -> Any:
+        """The runner's outputs for a call that runs a graph, run without Dynamo, or None
+        (Note [guards once per generation])."""
+        if learned.validated != session.generation:
+            return None
+        call = session.pending_call(learned.runner)
+        if call is None or call.pos.new_generation:
+            return None
+        inputs = learned.inputs(L, self.globals)
+        if _direct_key(learned.dtypes(inputs), tensors) != learned.direct_key:
+            return None
+        self.direct_calls += 1
+        return learned.runner(*inputs)
+
+    def validate(self, args: Sequence[Any], kwargs: dict[str, Any], callback: Any, runner: Any) -> None:
+        """After a call through Dynamo that reached ``runner``: calls of its form may run
+        directly for the rest of this generation (Note [guards once per generation])."""
+        if not self.direct or self.off is not None:
+            return
+        form = call_form(args[self.skip:], kwargs)
+        learned = self.forms.get((id(callback), form)) if form is not None else None
+        if learned is None or learned.runner is not runner:
+            return
+        L = self.locals_of(args, kwargs)
+        inputs = learned.inputs(L, self.globals)
+        learned.direct_key = _direct_key(learned.dtypes(inputs), learned.user_tensors(L, self.globals))
+        learned.validated = runner.session.generation
 
     # ---- learning from a call that went through Dynamo -----------------------------------
     def learn(self, args: Sequence[Any], kwargs: dict[str, Any], out: Any, captured: tuple | None, callback: Any) -> None:
@@ -209,5 +269,29 @@ class Shortcut:
                 mapped.append(("const", leaf))
             else:
                 return f"the return value holds a {type(leaf).__name__}"
-        self.forms[key] = _Learned(runner, list(sources), callback, user, timestep, tuple(mapped), spec)
+        tensor_slots = [i for i, a in enumerate(graph_args) if isinstance(a, torch.Tensor)]
+        self.forms[key] = _Learned(runner, list(sources), callback, user, timestep, tuple(mapped), spec, _getter(sources),
+                                   _dtypes_of(tensor_slots))
         return None
+
+
+def _global_modes() -> tuple[Any, ...]:
+    """The global state Dynamo's guards check that a denoising loop could change (grad and
+    inference mode, autocast) and Dynamo's stance (``set_stance("force_eager")`` must win)."""
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"), torch._dynamo.eval_frame._stance)
+
+
+def _dtypes_of(slots: Sequence[int]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``inputs -> tuple of dtypes`` of the inputs at ``slots`` (the tensors), at C speed."""
+    pick = operator.itemgetter(*slots) if len(slots) > 1 else (lambda xs: tuple(xs[i] for i in slots))  # (one: not a tuple)
+    dtype = operator.attrgetter("dtype")
+    return lambda inputs: tuple(map(dtype, pick(inputs)))
+
+
+def _direct_key(dtypes: tuple[Any, ...], user_tensors: Sequence[Any]) -> tuple:
+    """What a direct call must share with the call that passed Dynamo's guards this generation
+    (Note [guards once per generation]): the global modes, every tensor input's dtype (a
+    parameter cast in place would otherwise be read as the compiled dtype), and the user tensors' shapes, strides and devices
+    (parameters' are asserted by the compiled code)."""
+    return (_global_modes(), dtypes, tuple((t.shape, t.stride(), t.device) for t in user_tensors))
