@@ -1,0 +1,143 @@
+"""Other ways to fill skipped steps in the schedule simulator (issue #13, 28 dB level).
+
+``cfg_schedule_sim.Simulator`` fills a skipped step ("S") by extrapolating each branch's model
+output (a flow-matching velocity) linearly in the sampler's timestep from the last two computed
+steps, damped. ``FillSimulator`` keeps that simulator (same model calls, same memo, same
+uncached reference) and, when its ``fill`` is set, fills the skipped steps of a step-only
+schedule (letters F and S) by a :class:`Fill` instead:
+
+  * ``quantity``: what is extrapolated from the last two computed steps ``i1 < i2``:
+      ``v``     the branch output itself (the simulator's rule);
+      ``x0``    the clean-sample estimate ``x0 = x - sigma v`` (the scheduler's convention
+                ``x_t = (1 - sigma) x0 + sigma noise``, ``v = noise - x0``), then
+                ``v = (x - x0_hat) / sigma`` from the *current* sample ``x``;
+      ``noise`` the noise estimate ``n = x + (1 - sigma) v``, then ``v = (n_hat - x) / (1 - sigma)``.
+  * ``coord``: the coordinate the extrapolation is linear in: ``t`` (sampler timestep),
+    ``sigma``, ``logsigma``, ``index`` (step number).
+  * ``damping``: ``w = (c_i - c_i2) / (c_i2 - c_i1) / (1 + damping (i - i2 - 1))``;
+    ``math.inf`` holds the last value (``w = 0``).
+  * ``diff_damping``: if set, the guidance difference ``d = c - u`` (what CFG multiplies by
+    ``g - 1``) gets this damping and the cond the main one; the uncond is ``c_hat - d_hat``.
+  * ``at``: ``start`` evaluates the extrapolation at the step's own coordinate (as the simulator
+    does); ``mid`` at the midpoint of ``[c_i, c_i+1]`` (the Euler step then integrates the
+    linear extrapolation exactly: an Adams-Bashforth-like use of the last two outputs).
+
+All rules are linear in the branch outputs at a given sample, so applying them per branch and
+combining with CFG equals applying them to the CFG-combined output. ``Fill()`` (``v``, ``t``,
+the simulator's damping, ``start``) reproduces ``Simulator.run_sample(..., skip_mode="full")``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cfg_schedule_sim import Sample, Simulator  # noqa: E402
+
+QUANTITIES = ("v", "x0", "noise")
+COORDS = ("t", "sigma", "logsigma", "index")
+
+
+@dataclass(frozen=True)
+class Fill:
+    quantity: str = "v"
+    coord: str = "t"
+    damping: float | None = None  # None: the simulator's damping
+    diff_damping: float | None = None  # None: the same as ``damping``
+    at: str = "start"
+
+    def __post_init__(self) -> None:
+        if self.quantity not in QUANTITIES or self.coord not in COORDS or self.at not in ("start", "mid"):
+            raise ValueError(f"bad fill {self!r}")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.quantity}/{self.coord}/{self.damping}/{self.diff_damping}/{self.at}"
+
+
+@dataclass
+class Computed:
+    step: int
+    x: torch.Tensor  # the sample the calls saw
+    c: torch.Tensor
+    u: torch.Tensor
+
+
+class FillSimulator(Simulator):
+    """``Simulator`` whose skipped steps follow ``self.fill`` (``None``: the base rule)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.fill: Fill | None = None
+        super().__init__(*args, **kwargs)
+        sigmas = [float(s) for s in self.pipe.scheduler.sigmas]
+        self.sigmas = sigmas  # T + 1 values, the last 0
+        self.coords = {
+            "t": [*self.timesteps, 0.0],
+            "sigma": sigmas,
+            "logsigma": [math.log(max(s, 1e-6)) for s in sigmas],
+            "index": [float(i) for i in range(len(sigmas))],
+        }
+
+    def run_sample(self, sample: Sample | int, schedule: str, skip_mode: str = "full", half_mode: str = "extrapolated") -> torch.Tensor:
+        if self.fill is None or "H" in schedule:
+            return super().run_sample(sample, schedule, skip_mode, half_mode)
+        if not isinstance(sample, int):
+            raise TypeError("fills run on the simulator's own samples (an index)")
+        if len(schedule) != self.steps or schedule[0] != "F" or set(schedule) - {"F", "S"}:
+            raise ValueError(f"a step-only schedule has {self.steps} letters F/S and starts with F: {schedule!r}")
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(self.steps, device="cpu")
+        scheduler.set_begin_index(0)
+        x = self.samples[sample].latents.clone()
+        history: list[Computed] = []
+        for i, t in enumerate(scheduler.timesteps):
+            if schedule[i] == "F":
+                # a computed step's input depends on the fill once a skip precedes it
+                prefix = schedule[: i + 1] if "S" not in schedule[:i] else f"{self.fill.tag}|{schedule[: i + 1]}"
+                c = self._call(sample, prefix, "cond", x, t)
+                u = self._call(sample, prefix, "uncond", x, t)
+                history = [*history, Computed(i, x, c, u)][-2:]
+            else:
+                c, u = self.fill_step(self.fill, history, i, x)
+            x = scheduler.step(u + self.guidance * (c - u), t, x, return_dict=False)[0]
+        return x.clamp(-1.0, 1.0)
+
+    def weight(self, i: int, pair: list[int], fill: Fill | None = None, damping: float | None = None) -> float:
+        if fill is None:
+            return super().weight(i, pair)
+        if len(pair) < 2:
+            return 0.0
+        damp = damping if damping is not None else (fill.damping if fill.damping is not None else self.damping)
+        if math.isinf(damp):
+            return 0.0
+        cs = self.coords[fill.coord]
+        i1, i2 = pair
+        at = cs[i] if fill.at == "start" else 0.5 * (cs[i] + cs[i + 1])
+        return (at - cs[i2]) / (cs[i2] - cs[i1]) / (1.0 + damp * max(i - i2 - 1, 0))
+
+    def fill_step(self, fill: Fill, history: list[Computed], i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (cond, uncond) outputs standing in for skipped step ``i`` at sample ``x``."""
+        s = self.sigmas[i]
+        to_q = {"v": lambda h, b: b, "x0": lambda h, b: h.x - self.sigmas[h.step] * b,
+                "noise": lambda h, b: h.x + (1.0 - self.sigmas[h.step]) * b}[fill.quantity]
+        pair = [h.step for h in history]
+        wc = self.weight(i, pair, fill)
+        qc = [to_q(h, h.c) for h in history]
+        qc_hat = qc[-1] + wc * (qc[-1] - qc[0]) if wc else qc[-1]
+        if fill.diff_damping is None:  # the uncond extrapolated like the cond (as the simulator does)
+            qu = [to_q(h, h.u) for h in history]
+            qu_hat = qu[-1] + wc * (qu[-1] - qu[0]) if wc else qu[-1]
+        else:  # the guidance difference in q with its own damping
+            wd = self.weight(i, pair, fill, fill.diff_damping)
+            qd = [to_q(h, h.c) - to_q(h, h.u) for h in history]
+            qu_hat = qc_hat - (qd[-1] + wd * (qd[-1] - qd[0]) if wd else qd[-1])
+        if fill.quantity == "v":
+            return qc_hat, qu_hat
+        if fill.quantity == "x0":
+            return (x - qc_hat) / s, (x - qu_hat) / s
+        return (qc_hat - x) / (1.0 - s), (qu_hat - x) / (1.0 - s)
