@@ -5,7 +5,7 @@ Usage (1 thread, one process at a time):
   PYTHONPATH=. python tools/skip_fill_eval.py grid --fills v:t:0.5,x0:logsigma:0.25
   PYTHONPATH=. python tools/skip_fill_eval.py climb --model deep --fills v:t:default,x0:t:0.5 --sets cal,held,wide
 
-A fill is written ``quantity:coord:damping[:diff_damping[:at]]`` (``inf`` = hold, ``-`` = unset,
+A fill is written ``quantity:coord:damping[:diff_damping[:at[:correct[:x0]]]]`` (``inf`` = hold, ``-`` = unset,
 ``default`` = the model's shipped damping: deep 0.5, tiny 0.25). ``grid`` scores every fill on
 the known best step-only schedules (deep 6 and 7 steps, tiny 7 steps) on the calibration and
 the held-out prompts of ``cfg_schedule_search`` (mean PSNR dB against the uncached video).
@@ -56,7 +56,7 @@ def default_fills() -> list[str]:
 
 def parse_fill(text: str, model: str) -> Fill:
     parts = text.split(":")
-    parts += ["-"] * (5 - len(parts))
+    parts += ["-"] * (7 - len(parts))
 
     def number(p: str) -> float | None:
         if p == "-":
@@ -66,7 +66,8 @@ def parse_fill(text: str, model: str) -> Fill:
         return math.inf if p == "inf" else float(p)
 
     return Fill(quantity=parts[0], coord=parts[1], damping=number(parts[2]), diff_damping=number(parts[3]),
-                at="start" if parts[4] == "-" else parts[4])
+                at="start" if parts[4] == "-" else parts[4], correct=0.0 if parts[5] == "-" else float(parts[5]),
+                keep_x0=parts[6] == "x0")
 
 
 def damping_of(model: str) -> float:

@@ -21,6 +21,9 @@ schedule (letters F and S) by a :class:`Fill` instead:
   * ``at``: ``start`` evaluates the extrapolation at the step's own coordinate (as the simulator
     does); ``mid`` at the midpoint of ``[c_i, c_i+1]`` (the Euler step then integrates the
     linear extrapolation exactly: an Adams-Bashforth-like use of the last two outputs).
+  * ``correct``: a corrector at the computed step after a gap (Note [corrector]): the skipped
+    steps' outputs re-estimated by interpolation between the computed steps around the gap,
+    the sample's resulting offset added through the computed step's outputs (no model call).
 
 All rules are linear in the branch outputs at a given sample, so applying them per branch and
 combining with CFG equals applying them to the CFG-combined output. ``Fill()`` (``v``, ``t``,
@@ -50,6 +53,8 @@ class Fill:
     damping: float | None = None  # None: the simulator's damping
     diff_damping: float | None = None  # None: the same as ``damping``
     at: str = "start"
+    correct: float = 0.0  # corrector weight (0: none; Note [corrector])
+    keep_x0: bool = False  # the corrector keeps i2's clean estimate x0 = x - sigma v (Note [corrector])
 
     def __post_init__(self) -> None:
         if self.quantity not in QUANTITIES or self.coord not in COORDS or self.at not in ("start", "mid"):
@@ -57,7 +62,7 @@ class Fill:
 
     @property
     def tag(self) -> str:
-        return f"{self.quantity}/{self.coord}/{self.damping}/{self.diff_damping}/{self.at}"
+        return f"{self.quantity}/{self.coord}/{self.damping}/{self.diff_damping}/{self.at}/{self.correct}/{self.keep_x0}"
 
 
 @dataclass
@@ -95,15 +100,20 @@ class FillSimulator(Simulator):
         scheduler.set_begin_index(0)
         x = self.samples[sample].latents.clone()
         history: list[Computed] = []
+        gap: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # fills since the last computed step
         for i, t in enumerate(scheduler.timesteps):
             if schedule[i] == "F":
                 # a computed step's input depends on the fill once a skip precedes it
                 prefix = schedule[: i + 1] if "S" not in schedule[:i] else f"{self.fill.tag}|{schedule[: i + 1]}"
                 c = self._call(sample, prefix, "cond", x, t)
                 u = self._call(sample, prefix, "uncond", x, t)
-                history = [*history, Computed(i, x, c, u)][-2:]
+                fresh = Computed(i, x, c, u)
+                if self.fill.correct and gap:
+                    c, u = self.corrected(self.fill, history[-1], fresh, gap)
+                history, gap = [*history, fresh][-2:], []
             else:
                 c, u = self.fill_step(self.fill, history, i, x)
+                gap.append((i, c, u))
             x = scheduler.step(u + self.guidance * (c - u), t, x, return_dict=False)[0]
         return x.clamp(-1.0, 1.0)
 
@@ -119,6 +129,32 @@ class FillSimulator(Simulator):
         i1, i2 = pair
         at = cs[i] if fill.at == "start" else 0.5 * (cs[i] + cs[i + 1])
         return (at - cs[i2]) / (cs[i2] - cs[i1]) / (1.0 + damp * max(i - i2 - 1, 0))
+
+    # Note [corrector]: once the computed step i2 after a gap is known, the outputs the skipped
+    # steps k in (i1, i2) should have had are better estimated by interpolating between the
+    # fresh outputs at i1 and i2 (linear in the fill's coordinate) than by the extrapolation
+    # used then. The sample at i2 is off by sum_k h_k (v_interp(k) - v_fill(k)) (h_k = sigma_k+1
+    # - sigma_k, the Euler step); the step at i2 adds ``correct`` times that, folded into i2's
+    # outputs: v_used = v2 + correct * delta / h_i2 (the model itself saw the uncorrected
+    # sample; ``keep_x0`` moves the output with the sample, keeping x0). A predictor-corrector in "PEC" mode (UniPC's corrector also reuses the output at
+    # the uncorrected point), with no model call; it needs only outputs and sigmas, so a policy
+    # that sees outputs can apply it. The stored fresh outputs (for later extrapolation) stay raw.
+    def corrected(self, fill: Fill, prev: Computed, fresh: Computed,
+                  gap: list[tuple[int, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        cs, sig = self.coords[fill.coord], self.sigmas
+        i1, i2 = prev.step, fresh.step
+        dc = torch.zeros_like(fresh.c)
+        du = torch.zeros_like(fresh.u)
+        for k, ck, uk in gap:
+            a = (cs[k] - cs[i1]) / (cs[i2] - cs[i1])
+            h = sig[k + 1] - sig[k]
+            dc += h * (prev.c + a * (fresh.c - prev.c) - ck)
+            du += h * (prev.u + a * (fresh.u - prev.u) - uk)
+        # keep_x0: also shift the outputs so that x0 = x - sigma v at i2 stays the model's (the
+        # flow model's output moves with its input, ~1/sigma; a sample shifted without a new call
+        # otherwise carries an output that no longer points at the model's x0)
+        scale = fill.correct * (1.0 / (sig[i2 + 1] - sig[i2]) + (1.0 / sig[i2] if fill.keep_x0 else 0.0))
+        return fresh.c + scale * dc, fresh.u + scale * du
 
     def fill_step(self, fill: Fill, history: list[Computed], i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (cond, uncond) outputs standing in for skipped step ``i`` at sample ``x``."""
