@@ -12,7 +12,8 @@ the held-out prompts of ``cfg_schedule_search`` (mean PSNR dB against the uncach
 ``climb`` runs ``cfg_schedule_search.Search``'s first-improvement hill climb of the computed
 steps' positions on the calibration prompts with each fill (from ``--start``, default the known
 best schedule: deep 6 steps, tiny 7), then scores start and found schedules on the other sets
-(``--sets``; ``wide`` = the frontier's 6 held-out prompts x 2 seeds).
+(``--sets``; ``wide`` = the frontier's 6 held-out prompts x 2 seeds, ``fresh`` = the same
+prompts with seeds 2000, 2001). ``score`` scores given (fill, schedule) pairs per sample.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from mixcache_compile.eval.frontier import EVAL_PROMPTS, EVAL_SEEDS  # noqa: E40
 
 # ``wide``: the frontier's held-out set (6 prompts x 2 seeds, including HELD_OUT's two): two
 # prompts decide +-1 dB between schedules at 6-7 computed steps, twelve samples less so.
-SETS = {"cal": CALIBRATION, "held": HELD_OUT, "wide": [(p, s) for p in EVAL_PROMPTS for s in EVAL_SEEDS]}
+SETS = {"cal": CALIBRATION, "held": HELD_OUT, "wide": [(p, s) for p in EVAL_PROMPTS for s in EVAL_SEEDS],
+        # ``fresh``: the same prompts with seeds no search or selection here ever looked at
+        "fresh": [(p, s) for p in EVAL_PROMPTS for s in (2000, 2001)]}
 
 SHIPPED_DAMPING = {"deep": 0.5, "tiny": 0.25}
 SCHEDULES = {  # the best step-only schedules of docs/experiments/cfg_half_steps.md
@@ -110,9 +113,25 @@ def climb(model: str, fills: list[str], start: tuple[int, ...], sets: list[str])
     return rows
 
 
+def score(model: str, fills: list[str], schedules: list[tuple[int, ...]], sets: list[str]) -> list[dict]:
+    """Every (fill, schedule) pair on every set: mean and per-sample PSNR."""
+    rows = []
+    for name in sets:
+        sim = FillSimulator(model, SETS[name], damping=damping_of(model))
+        for text in fills:
+            sim.fill = parse_fill(text, model)
+            for positions in schedules:
+                mean, per = sim.score(make(sim.steps, positions))
+                row = {"model": model, "set": name, "fill": text, "schedule": list(positions), "psnr": mean, "per_sample": per}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("grid", "climb"))
+    ap.add_argument("mode", choices=("grid", "climb", "score"))
+    ap.add_argument("--schedules", default="", help="score: schedules (computed steps) separated by ';'")
     ap.add_argument("--fills", default="", help="comma-separated fills (grid; default: the standard list)")
     ap.add_argument("--models", default="deep,tiny")
     ap.add_argument("--model", default="deep")
@@ -125,6 +144,9 @@ def main() -> int:
     if args.mode == "grid":
         fills = args.fills.split(",") if args.fills else default_fills()
         result: object = grid(fills, args.models.split(","), args.sets.split(","))
+    elif args.mode == "score":
+        schedules = [tuple(int(p) for p in sch.split(",")) for sch in args.schedules.split(";")]
+        result = score(args.model, args.fills.split(","), schedules, args.sets.split(","))
     else:
         start = tuple(int(p) for p in args.start.split(",")) if args.start else min(SCHEDULES[args.model].values(), key=len)
         result = climb(args.model, args.fills.split(",") if args.fills else ["v:t:default"], start, args.sets.split(","))
