@@ -23,7 +23,11 @@ schedule (letters F and S) by a :class:`Fill` instead:
     linear extrapolation exactly: an Adams-Bashforth-like use of the last two outputs).
   * ``correct``: a corrector at the computed step after a gap (Note [corrector]): the skipped
     steps' outputs re-estimated by interpolation between the computed steps around the gap,
-    the sample's resulting offset added through the computed step's outputs (no model call).
+    the sample's resulting offset added through the computed step's outputs (no model call);
+    ``keep_x0`` also moves the outputs with the sample, keeping the model's clean estimate.
+
+``logsigma`` clamps sigma at 1e-6 (the sampler's final sigma is 0; only ``mid`` on the last
+step reads it).
 
 All rules are linear in the branch outputs at a given sample, so applying them per branch and
 combining with CFG equals applying them to the CFG-combined output. ``Fill()`` (``v``, ``t``,
@@ -36,6 +40,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -76,7 +81,7 @@ class Computed:
 class FillSimulator(Simulator):
     """``Simulator`` whose skipped steps follow ``self.fill`` (``None``: the base rule)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.fill: Fill | None = None
         super().__init__(*args, **kwargs)
         sigmas = [float(s) for s in self.pipe.scheduler.sigmas]
