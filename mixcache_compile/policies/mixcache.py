@@ -76,7 +76,7 @@ DAMPING = 0.25
 # docs/experiments/skip_fill.md. Schedule simulator, schedules re-climbed on the calibration
 # prompts: deep 6 computed steps of 50, 28.26 dB held-out against 27.59 with the default
 # (time, the calibration's damping), +0.41 on 12 frontier samples, +0.14 on 12 fresh ones;
-# tiny 7 and 8 steps +0.4 to +2.8 on every held-out set; 0.1-0.5 dB lower on the calibration
+# tiny 7 and 8 steps +0.4 to +2.8 on every held-out set; -0.5 to +0.05 dB on the calibration
 # prompts. Opt-in: the shipped calibrations' thresholds were fitted with the default, and the
 # budget's own schedules with it were not measured.
 # Note [step size weight]: the probe measures how much the model's input changed since the
