@@ -10,10 +10,19 @@ most for that earlier event (normally long done: a whole call ran since), never 
 current call's work; on the CPU the flag already is host memory. So a call whose action is
 known in advance (a static schedule) makes no device-to-host transfer, and a probe call
 makes exactly one (its indicator).
+
+Note [finiteness by sum]: the flag is the float32 sum of the tensors' sums, not a count of
+``~isfinite`` elements. A NaN or an infinity anywhere makes the sum NaN or infinite (an
+infinity of either sign, or both: ``inf - inf`` is NaN), so "the sum is finite" holds exactly
+when every element is, except that finite values whose sum overflows float32 (magnitudes near
+3e38) read as non-finite: a reuse is then refused and the call computes in full (counted in
+``stats()["non_finite"]``), the safe side. One reduction per tensor: on the CPU
+``isfinite(t).any()`` took 240 + 170 us for 82k float32 elements, ``t.sum()`` 12 us.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,20 +34,24 @@ HOST_COPY_ATTR = "_mixcache_host_copy"
 
 
 class FiniteFlag:
-    """``all(isfinite(t).all() for t in tensors)`` over all ranks, on its way to the host."""
+    """``all(isfinite(t).all() for t in tensors)`` over all ranks, on its way to the host
+    (Note [finiteness by sum])."""
 
     __slots__ = ("_host", "_event")
 
     def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
-        bad = torch.stack([(~torch.isfinite(t)).any() for t in tensors]).sum()
-        bad = reduce_sum(bad)  # a device-side collective: every rank stores the same keys at the same call
+        # (detached: a flag of an output that requires grad must not keep its graph alive)
+        total = tensors[0].detach().sum(dtype=torch.float32)
+        for t in tensors[1:]:
+            total = total + t.detach().sum(dtype=torch.float32)
+        total = reduce_sum(total)  # a device-side collective: every rank stores the same keys at the same call
         self._event = None
-        if bad.device.type == "cpu":
-            self._host = bad
+        if total.device.type == "cpu":
+            self._host = total
         else:
-            self._host = torch.empty((), dtype=bad.dtype, pin_memory=True)
-            self._host.copy_(bad, non_blocking=True)
-            if bad.device.type == "cuda":
+            self._host = torch.empty((), dtype=total.dtype, pin_memory=True)
+            self._host.copy_(total, non_blocking=True)
+            if total.device.type == "cuda":
                 self._event = torch.cuda.Event()
                 self._event.record()
         setattr(self._host, HOST_COPY_ATTR, True)
@@ -46,4 +59,4 @@ class FiniteFlag:
     def all_finite(self) -> bool:
         if self._event is not None:
             self._event.synchronize()  # the copy queued when the tensors were stored
-        return int(self._host) == 0
+        return math.isfinite(float(self._host))
