@@ -146,6 +146,7 @@ class Shortcut:
         # sessions) reach different runners; each call is answered by its own compile's runner.
         self.forms: dict[tuple[int, CallForm], _Learned] = {}
         self._refused: set[tuple[int, CallForm]] = set()
+        self._plans: dict[tuple[int, tuple[str, ...]], _BindPlan] = {}
         try:
             self.signature = inspect.signature(func, follow_wrapped=False)
         except (TypeError, ValueError) as err:
@@ -158,10 +159,15 @@ class Shortcut:
         self.free = {name: cell.cell_contents for name, cell in zip(code.co_freevars, closure)} if code else {}
 
     def locals_of(self, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The entry frame's locals as Dynamo names them in its sources (``L[...]``)."""
-        bound = self.signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        return {**bound.arguments, **self.free}
+        """The entry frame's locals as Dynamo names them in its sources (``L[...]``): what
+        ``signature.bind`` + ``apply_defaults`` give, by a plan made once per call shape."""
+        key = (len(args), tuple(kwargs))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _bind_plan(self.signature, len(args), tuple(kwargs))
+        frame = {name: _FETCH[how](what, args, kwargs) for name, how, what in plan}
+        frame.update(self.free)
+        return frame
 
     # ---- the hot path --------------------------------------------------------------------
     def answer(self, args: Sequence[Any], kwargs: dict[str, Any], callback: Any) -> tuple[Any, Any]:
@@ -273,6 +279,46 @@ class Shortcut:
         self.forms[key] = _Learned(runner, list(sources), callback, user, timestep, tuple(mapped), spec, _getter(sources),
                                    _dtypes_of(tensor_slots))
         return None
+
+
+# How one parameter of a bound call gets its value: a positional argument, a keyword argument,
+# its default (the very object ``apply_defaults`` would put there), or the *args / **kwargs
+# collected from the call.
+_BindPlan = tuple
+_FETCH: dict[str, Callable[[Any, Sequence[Any], dict[str, Any]], Any]] = {
+    "pos": lambda i, args, kwargs: args[i],
+    "kw": lambda name, args, kwargs: kwargs[name],
+    "default": lambda value, args, kwargs: value,
+    "varpos": lambda span, args, kwargs: tuple(args[span[0]:span[1]]),
+    "varkw": lambda names, args, kwargs: {n: kwargs[n] for n in names},
+}
+
+
+class _Marker:
+    __slots__ = ("where",)
+
+    def __init__(self, where: int | str) -> None:
+        self.where = where
+
+
+def _bind_plan(signature: inspect.Signature, nargs: int, names: tuple[str, ...]) -> _BindPlan:
+    """Bind markers in place of the arguments once (raising what a call of this shape raises),
+    and read off where each parameter's value comes from."""
+    bound = signature.bind(*(_Marker(i) for i in range(nargs)), **{n: _Marker(n) for n in names})
+    bound.apply_defaults()
+    plan = []
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            where = [m.where for m in value]
+            plan.append((name, "varpos", (where[0], where[-1] + 1) if where else (nargs, nargs)))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            plan.append((name, "varkw", tuple(m.where for m in value.values())))
+        elif isinstance(value, _Marker):
+            plan.append((name, "pos" if isinstance(value.where, int) else "kw", value.where))
+        else:
+            plan.append((name, "default", value))
+    return tuple(plan)
 
 
 def _global_modes() -> tuple[Any, ...]:
