@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 -m "not sweep_all"
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 -m "not sweep_all"
 
 # Everything, with the 49 extra diffusers classes of the model sweep (~4 more minutes).
 test-all: install
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15
 
 demo: install
 	$(VENV)/bin/mixcache demo

@@ -12,6 +12,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mixcache_compile import CacheSession
 from tests.tiny_models import wan
@@ -62,19 +63,12 @@ def test_policy_none_equals_eager_in_every_mode(mode: str):
         torch.testing.assert_close(g.detach(), w, rtol=0, atol=1e-5)
     stats = session.stats()
     assert stats["calls"] == 6 and stats["computed_fraction"] == 1.0
-    assert stats["flops_run"] == stats["flops_full"] > 0
+    # FLOPs counted in every mode (Note [autograd-free counting]) equal torch's FLOP counter
+    # on the uncompiled model under no_grad: the count does not depend on the mode.
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**{**make(1, seed=0), "timestep": torch.tensor([900.0])})
+    assert stats["flops_run"] == stats["flops_full"] == 6 * counter.get_total_flops() > 0
     assert not stats["flops_unknown"] and not stats["flops_from_real_tensors"]
-
-
-def test_flop_counts_do_not_depend_on_the_mode():
-    counts = {}
-    for mode in MODES:
-        torch._dynamo.reset()
-        model, make = wan()
-        session = CacheSession("none")
-        _generation(_compile(model, session), make, session, [mode])
-        counts[mode] = session.stats()["flops_full"]
-    assert len(set(counts.values())) == 1, counts
 
 
 def test_static_schedule_in_each_mode_equals_a_no_grad_run_and_switches_between_generations():
@@ -135,8 +129,9 @@ def test_inductor_engine_in_every_mode_and_a_switch():
     compiled = _compile(model, session, engine="inductor")
     reference = CacheSession("static", schedule={2: "step", (3, "uncond"): "cfg"})
     want = _generation(_compile(wan()[0], reference), make, reference, ["no_grad"] * 4)
-    for mode in ("inference_mode", "no_grad", "grad_enabled"):
+    # (each mode is a compile of its own: the two ends, no_grad being covered on the eager engine)
+    for mode in ("inference_mode", "grad_enabled"):
         got = _generation(compiled, make, session, [mode] * 4)
         for g, w in zip(got, want):
             torch.testing.assert_close(g.detach(), w, rtol=0, atol=1e-4)
-    assert not session.stats()["fallbacks"] and session.stats()["actions"]["STEP"] == 6
+    assert not session.stats()["fallbacks"] and session.stats()["actions"]["STEP"] == 4

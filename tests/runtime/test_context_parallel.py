@@ -67,15 +67,13 @@ def _check(ranks: list[dict], key: str, reference: dict) -> None:
 
 
 @pytest.mark.slow
-def test_ulysses_static_teacache_fbcache(tmp_path):
+def test_ulysses_and_ring_reuse_as_a_single_process_does(tmp_path):
+    """Every policy under Ulysses through ``enable``; ring attention with the direct backend
+    (``torch.compile(backend="mixcache")``). One pair of processes runs every case: starting
+    them and initialising the group costs more than a case."""
     names = list(cp_worker.POLICIES)
-    ranks = _run_ranks(tmp_path, [(name, "ulysses", False) for name in names])
+    cases = [(name, "ulysses", False) for name in names] + [("static", "ring", True)]
+    ranks = _run_ranks(tmp_path, cases)
     for name in names:
         _check(ranks, f"{name}/ulysses/enable", single_process(name))
-
-
-@pytest.mark.slow
-def test_ring_enable_and_direct_backend(tmp_path):
-    ranks = _run_ranks(tmp_path, [("fbcache", "ring", False), ("static", "ring", True)])
-    _check(ranks, "fbcache/ring/enable", single_process("fbcache"))
     _check(ranks, "static/ring/backend", single_process("static"))

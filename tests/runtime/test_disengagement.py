@@ -87,29 +87,18 @@ def _backend_form(engine: str) -> tuple:
     return pipe, session
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
-def test_minimal_trigger_a_hooked_compiled_copy_of_the_class():
-    """COMPILE.md's minimal trigger: one enabled pipeline, then a diffusers-hooked compiled copy."""
-    from diffusers import FirstBlockCacheConfig
-
-    pipe = _pipe()
-    session = mixcache_compile.enable(pipe, policy="static", engine="eager", every=2, on_bypass="raise")
-    hooked = _pipe()
-    hooked.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
-    hooked.transformer = torch.compile(hooked.transformer, backend="eager")
-    _interleaved([(pipe, session)], [hooked], generations=2)
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_enabled_pipelines_keep_caching_beside_other_compiled_copies_eager():
+    """Contains COMPILE.md's minimal trigger (an enabled pipeline, then a diffusers-hooked
+    compiled copy of the class): every generation after the first runs after the others."""
     static, teacache, backend_form = _pipe(), _pipe(), _backend_form("eager")
     ours = [
         (static, mixcache_compile.enable(static, policy="static", engine="eager", every=2, on_bypass="raise")),
         (teacache, mixcache_compile.enable(teacache, policy="teacache", engine="eager", threshold=0.1, on_bypass="raise")),
         backend_form,
     ]
-    _interleaved(ours, _others("eager"))
+    _interleaved(ours, _others("eager"), generations=2)
     # Caching really engaged (the bug left the output equal to the uncached one).
     assert ours[0][1].stats()["actions"].get("STEP", 0) > 0
     assert ours[2][1].stats()["actions"].get("STEP", 0) > 0
