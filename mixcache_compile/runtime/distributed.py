@@ -6,7 +6,8 @@ their own partial values could take different actions, run different collectives
 model, and hang. Every value a decision reads is therefore reduced across the ranks first:
 indicator numerators and denominators are summed (each weighted by the number of elements
 its mean ran over, so the ratio is the full-sequence ratio even for unequal shards),
-deviations are averaged, and "all finite" is the minimum.
+deviations are averaged, and a finite flag sums the ranks' sums (non-finite if any rank's is,
+Note [finiteness by sum]).
 
 The reduction runs over ``group``: the ranks that hold shards of one sequence (with
 diffusers' context parallelism, the config's flattened ring x ulysses mesh; see

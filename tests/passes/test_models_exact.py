@@ -55,10 +55,12 @@ def test_none_policy_equals_eager(name: str):
     _check_plan(session, name)
 
 
-# The inductor engine on the video families and Flux in ``make test``; the image families
-# (their plans are checked above on the eager engine) carry ``sweep_all``, which ``make
-# test-all`` runs: an inductor compile is 25-50 s of a 15-minute suite.
-INDUCTOR_IN_MAKE_TEST = ("cogvideox", "flux", "hunyuan_video", "wan")
+# The inductor engine on Wan (separate CFG calls, the shipped models' class) and CogVideoX
+# (batch-concatenated CFG, text joined to the video tokens) in ``make test``; the other
+# families (their plans are checked above on the eager engine, and the engine compiles
+# stages the same way whatever the chains) carry ``sweep_all``, which ``make test-all``
+# runs: with a cold inductor cache one compile is 40-90 s of a 15-minute suite.
+INDUCTOR_IN_MAKE_TEST = ("cogvideox", "wan")
 
 
 @pytest.mark.inductor
