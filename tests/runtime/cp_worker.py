@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 import mixcache_compile
 from mixcache_compile.parallel import prepare_context_parallel
+from tests.runtime import dist_worker
 from tests.tiny_models import wan
 
 STEPS = 6
@@ -70,17 +71,20 @@ def _attention_with_lse(
 
 
 def main(rank: int, world: int, port: int, out_dir: str, cases: list[tuple[str, str, bool]]) -> None:
-    """``cases``: (policy name, "ulysses" | "ring", direct_backend)."""
+    """``cases``: (policy name, "ulysses" | "ring", direct_backend). The same pair of processes
+    also runs ``dist_worker``'s sharded loop, alone and then in the group (starting a pair of
+    processes costs more than either)."""
     from diffusers import ContextParallelConfig
 
     torch.set_num_threads(1)
+    results: dict[str, Any] = {"shard/local": dist_worker.run_loop(rank)}  # before the group exists
     # diffusers picks the device as rank % torch.accelerator.device_count(), which is 0 on a
     # machine without an accelerator; one CPU "device" per process is what gloo runs on.
     torch.accelerator.device_count = lambda: 1
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {}
     try:
+        results["shard/reduced"] = dist_worker.run_loop(rank)
         for name, mode, direct in cases:
             if mode == "ring":
                 from diffusers.models import attention_dispatch

@@ -1,12 +1,9 @@
-"""Worker of tests/runtime/test_distributed.py (a module, so spawned processes can import it)."""
+"""Rank-consistent decisions, the workload: each rank of two gloo processes runs a loop on its own
+shard of the sequence (run by ``cp_worker.main``, checked in tests/runtime/test_context_parallel.py)."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-import torch.distributed as dist
 
 from mixcache_compile import CacheSession
 from mixcache_compile.policies.protocol import FULL, PROBE, Action, ActionKind, CacheNeeds, Probe
@@ -50,14 +47,3 @@ def run_loop(rank: int) -> list[dict]:
                 compiled(hidden_states=x, timestep=torch.tensor([900.0 - 60 * step]), encoder_hidden_states=text, return_dict=False)
     return [{"step": e.step, "action": e.action, "indicator": e.indicator} for e in session.trace]
 
-
-def main(rank: int, world: int, port: int, out_dir: str) -> None:
-    local = run_loop(rank)  # no process group yet: each rank decides from its own shard
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        reduced = run_loop(rank)
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"local": local, "reduced": reduced}, f)

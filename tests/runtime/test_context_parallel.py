@@ -66,14 +66,28 @@ def _check(ranks: list[dict], key: str, reference: dict) -> None:
             assert e0["indicator"] == pytest.approx(ref["indicator"], rel=1e-4), key
 
 
+def _check_shard_decisions(ranks: list[dict]) -> None:
+    """``dist_worker``'s loop: each rank holds a different shard of the sequence."""
+    local = [[e["indicator"] for e in r["shard/local"]] for r in ranks]
+    reduced = [r["shard/reduced"] for r in ranks]
+    # Alone, each rank sees a different indicator (its own shard)...
+    assert any(a != b for a, b in zip(local[0][1:], local[1][1:]))
+    # ...reduced across ranks, indicators and decisions are identical at every step.
+    assert [e["indicator"] for e in reduced[0]] == [e["indicator"] for e in reduced[1]]
+    assert [e["action"] for e in reduced[0]] == [e["action"] for e in reduced[1]]
+    assert {e["action"] for e in reduced[0]} >= {"FULL"}
+
+
 @pytest.mark.slow
-def test_ulysses_and_ring_reuse_as_a_single_process_does(tmp_path):
-    """Every policy under Ulysses through ``enable``; ring attention with the direct backend
+def test_ranks_decide_alike_and_reuse_as_a_single_process_does(tmp_path):
+    """Ranks reduce their indicators to the same decisions (sharded loop); every policy under
+    Ulysses through ``enable``; ring attention with the direct backend
     (``torch.compile(backend="mixcache")``). One pair of processes runs every case: starting
     them and initialising the group costs more than a case."""
     names = list(cp_worker.POLICIES)
     cases = [(name, "ulysses", False) for name in names] + [("static", "ring", True)]
     ranks = _run_ranks(tmp_path, cases)
+    _check_shard_decisions(ranks)
     for name in names:
         _check(ranks, f"{name}/ulysses/enable", single_process(name))
     _check(ranks, "static/ring/backend", single_process("static"))
