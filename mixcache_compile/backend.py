@@ -27,6 +27,7 @@ from .policies import DEFAULT_POLICY
 from .runtime.entry import GUARDS, ON_BYPASS, entry_of, install_entry
 from .runtime.executor import StageRunner
 from .runtime.inputs import classify_inputs
+from .runtime.shared_code import note_moved_on
 from .runtime.session import CacheSession
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,10 @@ def _protect_traced_model(opts: BackendOptions) -> None:
     if getattr(getattr(forward, "__func__", forward), "__code__", None) is not tx.f_code:
         return  # the traced frame is not this model's forward (a function compiled directly)
     opts.session.bind_model(model)  # before any call: mixcache picks this model's calibration
-    install_entry(model, opts.session, opts.on_bypass, opts.answer_ahead, opts.guards)
+    entry = install_entry(model, opts.session, opts.on_bypass, opts.answer_ahead, opts.guards)
+    if entry.isolated:  # Note [first call on the shared code] in runtime/shared_code.py
+        entry.shared_code = tx.f_code
+        note_moved_on(opts.session)
 
 
 def _fallback(gm: fx.GraphModule, example_inputs: Sequence[Any], engine: Engine, why: str) -> Callable[..., Any]:

@@ -48,6 +48,7 @@ import torch
 from torch._C._dynamo.eval_frame import get_eval_frame_callback, set_eval_frame
 from torch._dynamo.decorators import skip as dynamo_skip_frame
 
+from .shared_code import release_shared_code
 from .shortcut import MISSING, Shortcut
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,21 @@ def own_code_copy(func: types.FunctionType, tag: str) -> types.FunctionType:
     return copy
 
 
+# torch.compile(fullgraph=True) counts the compiled frames a call ran and raises "found no
+# compiled frames" at zero. A call answered ahead runs no model code at all (no eager
+# fallback either); it passes through this identity on a fixed token, which Dynamo compiles
+# once (an empty graph: no backend call, one guard) and counts. Fixed token: one cache entry
+# per backend. Each entry calls its own code copy of the identity (``ModelEntry.token_frame``):
+# Dynamo keys cache entries by code object *and* backend, so one shared function would gain an
+# entry per enabled model and, at ``recompile_limit`` (8) models in a process, fail every later
+# answered call under ``fullgraph=True`` (Note [own entry code], same reason).
+_ANSWERED_TOKEN = torch.zeros(())
+
+
+def _answered_ahead_frame(token: torch.Tensor) -> torch.Tensor:
+    return token
+
+
 class ModelEntry:
     """What :func:`install_entry` put on a model: the session it serves and the bypass count."""
 
@@ -111,6 +127,18 @@ class ModelEntry:
         # with its own code (a shared one may be skipped by Dynamo, then nothing is learned).
         self.shortcut = Shortcut(func, bound, direct=guards == "per_generation") if isolated else None
         self.answered_ahead = 0
+        self.token_frame = own_code_copy(_answered_ahead_frame, f"token#{next(_serial)}")
+        # The class's shared code object this model's first call was compiled on (backend form
+        # only), released at its next call (Note [first call on the shared code]).
+        self.shared_code: types.CodeType | None = None
+
+    def release_shared_code(self) -> None:
+        code, self.shared_code = self.shared_code, None
+        previous = set_eval_frame(None)
+        try:
+            release_shared_code(code)
+        finally:
+            set_eval_frame(previous)
 
     def answer_ahead(self, args: tuple, kwargs: dict, callback: Any) -> tuple[Any, Any]:
         """``(value, session asked)``: the call's value without Dynamo, or MISSING (Note
@@ -183,17 +211,6 @@ class ModelEntry:
             warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-# torch.compile(fullgraph=True) counts the compiled frames a call ran and raises "found no
-# compiled frames" at zero. A call answered ahead runs no model code at all (no eager
-# fallback either); it passes through this identity on a fixed token, which Dynamo compiles
-# once (an empty graph: no backend call, one guard) and counts. Fixed token: one cache entry.
-_ANSWERED_TOKEN = torch.zeros(())
-
-
-def _answered_ahead_frame(token: torch.Tensor) -> torch.Tensor:
-    return token
-
-
 def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The model's ``forward`` (bound to the instance, so ``copy.deepcopy`` rebinds it to the copy)."""
     entry: ModelEntry = self.__dict__[_ENTRY_ATTR]
@@ -204,9 +221,11 @@ def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     callback = get_eval_frame_callback()
     if callback is None:
         return entry.func(*args, **kwargs)
+    if entry.shared_code is not None:
+        entry.release_shared_code()
     out, asked = entry.answer_ahead(args, kwargs, callback)
     if out is not MISSING:
-        _answered_ahead_frame(_ANSWERED_TOKEN)
+        entry.token_frame(_ANSWERED_TOKEN)
         return out
     return entry.run_compiled(args, kwargs, callback, asked)
 
@@ -217,6 +236,7 @@ def _mixcache_entry(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
 # callback off altogether).
 dynamo_skip_frame(_mixcache_entry)
 dynamo_skip_frame(ModelEntry.answer_ahead)
+dynamo_skip_frame(ModelEntry.release_shared_code)
 dynamo_skip_frame(ModelEntry.run_compiled)
 
 

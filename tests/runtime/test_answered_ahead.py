@@ -163,3 +163,28 @@ def test_teacache_probes_ahead_and_answers_its_skips_without_dynamo():
     skips = sum(1 for e in fast_session.trace if e.action.startswith("STEP"))
     # every skip after the entry learned the call form (the first call) was answered ahead
     assert fast_entry.answered_ahead == skips > 0
+
+
+def test_more_cached_models_than_dynamos_recompile_limit_all_cache():
+    """Dynamo counts cache entries with different backends on one code object against
+    ``recompile_limit`` (8), dead models' included. Two code objects used to collect one
+    entry per cached model: the identity frame answered calls pass through (now one per
+    entry) and, in this backend form, the class's shared ``forward`` code the first call is
+    compiled on (now released at the next call, Note [first call on the shared code]). From
+    the limit-th model on, every call failed under ``fullgraph=True`` (found by a 15-point
+    threshold sweep in one process). The limit is lowered to 2 so that three models cross it."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    model, make = wan()
+    shared_code = type(model).forward.__code__
+    reference = None
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            copy_of_model = copy.deepcopy(model)
+            module, session = _compiled(copy_of_model, True, schedule=SCHEDULE)
+            outputs = _generate(module, session, make)
+            assert entry_of(copy_of_model).answered_ahead == _no_graph_calls(session) > 0
+            assert session.stats()["bypassed_calls"] == 0
+            assert len(_debug_get_cache_entry_list(shared_code)) == 0
+            reference = reference or outputs
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(outputs, reference))
