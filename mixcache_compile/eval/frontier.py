@@ -44,6 +44,13 @@ from .frontier_report import LEVELS, fraction_at, fraction_at_levels, markdown, 
 EVAL_PROMPTS = ("blue square moving down", "green circle moving up", "yellow square moving right", "red square moving up",
                 "blue circle moving left", "green square moving right")
 EVAL_SEEDS = (1000, 1001)
+# A second held-out set, for checking a result found on the first one: six other prompts of
+# the shipped models' vocabulary (none of EVAL_PROMPTS or the calibration prompts) and other
+# seeds (``--prompt-set fresh``).
+FRESH_PROMPTS = ("red circle moving right", "green square moving up", "blue circle moving down",
+                 "yellow square moving left", "green circle moving left", "red square moving down")
+FRESH_SEEDS = (2000, 2001)
+PROMPT_SETS = {"eval": (EVAL_PROMPTS, EVAL_SEEDS), "fresh": (FRESH_PROMPTS, FRESH_SEEDS)}
 
 
 Enabled = tuple[Callable[[], None], Callable[[], int] | None, Callable[[], None]]
@@ -276,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--prompts", type=int, default=2, help=f"held-out evaluation prompts (at most {len(EVAL_PROMPTS)})")
     p.add_argument("--seeds", type=int, default=1, help=f"held-out seeds per prompt (at most {len(EVAL_SEEDS)})")
+    p.add_argument("--prompt-set", choices=tuple(PROMPT_SETS), default="eval",
+                   help="which held-out prompts and seeds: eval (the frontier's) or fresh (a second set, for checking)")
     p.add_argument("--weights", type=Path, default=None, help="a weights directory (default: the shipped model)")
     p.add_argument("--methods", default=None, help="comma-separated substrings of method names to keep; '-name' drops that method (default: all)")
     p.add_argument("--quick", action="store_true", help="three points, one sample, 8 steps (a smoke run)")
@@ -295,8 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacache-thresholds", default=None,
                    help="comma-separated thresholds replacing teacache's sweep (give the best other the same density)")
     a = p.parse_args(argv)
-    if not 1 <= a.prompts <= len(EVAL_PROMPTS) or not 1 <= a.seeds <= len(EVAL_SEEDS):
-        p.error(f"--prompts must be 1..{len(EVAL_PROMPTS)} and --seeds 1..{len(EVAL_SEEDS)}")
+    prompt_list, seed_list = PROMPT_SETS[a.prompt_set]
+    if not 1 <= a.prompts <= len(prompt_list) or not 1 <= a.seeds <= len(seed_list):
+        p.error(f"--prompts must be 1..{len(prompt_list)} and --seeds 1..{len(seed_list)}")
     if a.merge:
         return _merge_files(a.merge, a.out)
     torch.set_num_threads(1)
@@ -312,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = [k for k in keep if not k.startswith("-")]
         points = [pt for pt in points if (not keep or any(k in pt.method for k in keep)) and not any(d == pt.method for d in drop)]
     steps = 8 if a.quick else a.steps
-    samples = [(EVAL_PROMPTS[i], s) for i in range(1 if a.quick else a.prompts) for s in EVAL_SEEDS[:a.seeds]]
+    samples = [(prompt_list[i], s) for i in range(1 if a.quick else a.prompts) for s in seed_list[:a.seeds]]
     command = "mixcache frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     existing = a.out / "frontier.json"

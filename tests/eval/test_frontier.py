@@ -132,3 +132,19 @@ def test_diffusers_hooks_then_cache_dit_in_one_run_with_interleaved_timing():
     for method in ("diffusers:fbcache", "cache-dit:dbcache"):
         assert rows[method]["wall_eager"]["status"] == "ok" and len(rows[method]["wall_eager"]["order"]) == 4
     assert res["complete"] and saved[:2] == [2, 3]  # a checkpoint after every point
+
+
+def test_held_out_prompt_sets_are_disjoint_from_each_other_and_from_calibration():
+    """The fresh set checks a result found on the eval set: no prompt and no seed in common,
+    and neither shares a prompt with what ``mixcache calibrate`` tunes on; every prompt is in
+    the shipped models' vocabulary (an unknown word would be encoded as UNK)."""
+    from mixcache_compile.eval.budget_fit import CALIBRATION_PROMPTS, CALIBRATION_SEEDS
+    from mixcache_compile.eval.frontier import PROMPT_SETS
+    from mixcache_compile.zoo.spec import VOCAB
+
+    (eval_prompts, eval_seeds), (fresh_prompts, fresh_seeds) = PROMPT_SETS["eval"], PROMPT_SETS["fresh"]
+    assert not set(eval_prompts) & set(fresh_prompts) and not set(eval_seeds) & set(fresh_seeds)
+    for prompts, seeds in PROMPT_SETS.values():
+        assert not set(prompts) & set(CALIBRATION_PROMPTS) and not set(seeds) & set(CALIBRATION_SEEDS)
+        assert len(set(prompts)) == len(prompts) == 6
+        assert all(word in VOCAB for prompt in prompts for word in prompt.split())
