@@ -43,6 +43,29 @@ def test_sweep_names_every_method():
             "diffusers:taylorseer", "diffusers:pab", "cache-dit:dbcache"} <= methods
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_mixcache_and_teacache_are_swept_alike_where_the_target_is_decided(full: bool):
+    """Between 0.07 and 0.18 (20 % of the compute down to 6 computed steps of 50) both methods
+    have a point at every 0.01 step up to 0.16: the target check picks each one's cheapest point
+    per level, so a point only one of them has would decide it."""
+    knobs = {m: {float(p.knob.split("=")[1]) for p in sweep(full=full) if p.method == m} for m in ("mixcache", "teacache")}
+    shared = {round(0.07 + 0.01 * k, 2) for k in range(10)} | {0.18}
+    assert shared <= knobs["mixcache"] and shared <= knobs["teacache"]
+    assert {t for t in knobs["mixcache"] if 0.07 <= t <= 0.18} == {t for t in knobs["teacache"] if 0.07 <= t <= 0.18}
+
+
+def test_the_command_scores_all_twelve_held_out_samples_by_default(monkeypatch, tmp_path):
+    from mixcache_compile.eval import frontier
+
+    seen = {}
+    monkeypatch.setattr(frontier, "run", lambda points, samples, *a, **k: seen.setdefault("samples", samples) and {"rows": []})
+    monkeypatch.setattr(frontier, "markdown", lambda results: "")
+    monkeypatch.setattr(frontier, "plot", lambda results, path: path)
+    assert frontier.main(["--methods", "mixcache", "--out", str(tmp_path)]) == 0
+    prompts, seeds = frontier.PROMPT_SETS["eval"]
+    assert seen["samples"] == [(p, s) for p in prompts for s in seeds] and len(seen["samples"]) == 12
+
+
 # ---- wall time --------------------------------------------------------------------------
 def test_interleaved_ratio_alternates_and_takes_the_ratio_of_medians():
     from mixcache_compile.eval.frontier_timing import interleaved_ratio
