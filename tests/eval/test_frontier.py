@@ -61,6 +61,7 @@ def test_the_command_scores_all_twelve_held_out_samples_by_default(monkeypatch, 
     monkeypatch.setattr(frontier, "run", lambda points, samples, *a, **k: seen.setdefault("samples", samples) and {"rows": []})
     monkeypatch.setattr(frontier, "markdown", lambda results: "")
     monkeypatch.setattr(frontier, "plot", lambda results, path: path)
+    monkeypatch.setattr(frontier.torch, "set_num_threads", lambda n: None)  # keep the worker's threads
     assert frontier.main(["--methods", "mixcache", "--out", str(tmp_path)]) == 0
     prompts, seeds = frontier.PROMPT_SETS["eval"]
     assert seen["samples"] == [(p, s) for p in prompts for s in seeds] and len(seen["samples"]) == 12
