@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from mixcache_compile.eval.budget_fit import CALIBRATION_PROMPTS
+from mixcache_compile.eval.budget_fit import CALIBRATION_PROMPTS, TUNING_SEEDS
 from mixcache_compile.eval.frontier import _ours, run
 
-TUNING_SEEDS = (7, 8, 9)
 NO_BOOST = {"alpha_low": 0.0, "alpha_high": 0.0}
 VARIANTS: dict[str, dict[str, Any]] = {
     "defaults": {},

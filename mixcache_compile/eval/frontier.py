@@ -291,10 +291,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=5.0)
     # All 12 samples by default: at 6-8 computed steps of 50 one schedule's PSNR moves by several
     # dB from sample to sample, so 2 samples decide the 28 dB level by one or two of them.
-    p.add_argument("--prompts", type=int, default=len(EVAL_PROMPTS), help=f"held-out evaluation prompts (at most {len(EVAL_PROMPTS)})")
-    p.add_argument("--seeds", type=int, default=len(EVAL_SEEDS), help=f"held-out seeds per prompt (at most {len(EVAL_SEEDS)})")
+    p.add_argument("--prompts", type=int, default=None, help="use the first N prompts (default: all)")
+    p.add_argument("--seeds", type=int, default=None, help="use the first N seeds per prompt (default: all)")
     p.add_argument("--prompt-set", choices=tuple(PROMPT_SETS), default="eval",
                    help="which held-out prompts and seeds: eval (the frontier's) or fresh (a second set, for checking)")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="a prompt of your own (repeatable; replaces the set's prompts)")
+    p.add_argument("--seed", action="append", type=int, default=None, metavar="N",
+                   help="a seed of your own (repeatable; replaces the set's seeds)")
     p.add_argument("--weights", type=Path, default=None, help="a weights directory (default: the shipped model)")
     p.add_argument("--methods", default=None, help="comma-separated substrings of method names to keep; '-name' drops that method (default: all)")
     p.add_argument("--quick", action="store_true", help="three points, one sample, 8 steps (a smoke run)")
@@ -314,9 +318,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--teacache-thresholds", default=None,
                    help="comma-separated thresholds replacing teacache's sweep (give the best other the same density)")
     a = p.parse_args(argv)
-    prompt_list, seed_list = PROMPT_SETS[a.prompt_set]
-    if not 1 <= a.prompts <= len(prompt_list) or not 1 <= a.seeds <= len(seed_list):
-        p.error(f"--prompts must be 1..{len(prompt_list)} and --seeds 1..{len(seed_list)}")
+    try:
+        samples = held_out_samples(a.prompt_set, a.prompt, a.seed, a.prompts, a.seeds)
+    except ValueError as err:
+        p.error(str(err))
     if a.merge:
         return _merge_files(a.merge, a.out)
     torch.set_num_threads(1)
@@ -332,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         keep = [k for k in keep if not k.startswith("-")]
         points = [pt for pt in points if (not keep or any(k in pt.method for k in keep)) and not any(d == pt.method for d in drop)]
     steps = 8 if a.quick else a.steps
-    samples = [(prompt_list[i], s) for i in range(1 if a.quick else a.prompts) for s in seed_list[:a.seeds]]
+    if a.quick:
+        samples = samples[:1]
     command = "mixcache frontier " + " ".join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     existing = a.out / "frontier.json"
@@ -353,6 +359,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                         compiled_repeats=a.compiled_repeats if a.compiled else 0, checkpoint=write))
     print(markdown(results))
     return 0
+
+
+def held_out_samples(prompt_set: str, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
+                     first_prompts: int | None = None, first_seeds: int | None = None) -> list[tuple[str, int]]:
+    """The (prompt, seed) samples a run scores: the set's, or the given prompts / seeds, cut to
+    the first N of each. Refuses counts out of range and samples that calibration or tuning
+    used (not held out); warns on words the shipped models' tokenizer maps to <unk>."""
+    from ..zoo.text import WordTokenizer
+    from .budget_fit import CALIBRATION_PROMPTS, TUNING_SEEDS
+
+    set_prompts, set_seeds = PROMPT_SETS[prompt_set]
+    prompt_list, seed_list = tuple(prompts or set_prompts), tuple(seeds or set_seeds)
+    n_prompts = len(prompt_list) if first_prompts is None else first_prompts
+    n_seeds = len(seed_list) if first_seeds is None else first_seeds
+    if not 1 <= n_prompts <= len(prompt_list) or not 1 <= n_seeds <= len(seed_list):
+        raise ValueError(f"--prompts must be 1..{len(prompt_list)} and --seeds 1..{len(seed_list)}")
+    samples = [(prompt, seed) for prompt in prompt_list[:n_prompts] for seed in seed_list[:n_seeds]]
+    tuned = [sample for sample in samples if sample[0] in CALIBRATION_PROMPTS and sample[1] in TUNING_SEEDS]
+    if tuned:
+        raise ValueError(f"{tuned} were used for calibration or tuning (eval/budget_fit.py), so they are not held out: "
+                         "pick other prompts or seeds")
+    tokenizer = WordTokenizer()
+    unknown = sorted({w for prompt, _ in samples for w in tokenizer.unknown_words(prompt)})
+    if unknown:
+        warnings.warn(f"the shipped models do not know the words {unknown}: their tokenizer reads them as <unk>", stacklevel=2)
+    return samples
 
 
 def _merge_files(paths: Sequence[Path], out: Path) -> int:

@@ -49,6 +49,10 @@ class WordTokenizer:
         ids = [self.index.get(w, self.unk_token_id) for w in _WORD.findall(text.lower())]
         return ids + [self.eos_token_id] if add_special_tokens else ids
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of ``text`` that ``encode`` maps to <unk>."""
+        return [w for w in _WORD.findall(text.lower()) if w not in self.index]
+
     def __call__(
         self,
         text: str | list[str],

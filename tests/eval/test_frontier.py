@@ -172,3 +172,31 @@ def test_held_out_prompt_sets_are_disjoint_from_each_other_and_from_calibration(
         assert not set(prompts) & set(CALIBRATION_PROMPTS) and not set(seeds) & set(CALIBRATION_SEEDS)
         assert len(set(prompts)) == len(prompts) == 6
         assert all(word in VOCAB for prompt in prompts for word in prompt.split())
+
+
+# ---- which samples ----------------------------------------------------------------------
+def test_own_prompts_and_seeds_replace_the_sets():
+    from mixcache_compile.eval.frontier import PROMPT_SETS, held_out_samples
+
+    assert held_out_samples("eval", ["red square moving left", "blue circle moving up"], [5, 6]) == [
+        ("red square moving left", 5), ("red square moving left", 6), ("blue circle moving up", 5), ("blue circle moving up", 6)]
+    fresh_prompts = PROMPT_SETS["fresh"][0]
+    assert held_out_samples("fresh", seeds=[31], first_prompts=2) == [(fresh_prompts[0], 31), (fresh_prompts[1], 31)]
+
+
+def test_calibration_samples_and_bad_counts_are_refused_by_name():
+    from mixcache_compile.eval.frontier import held_out_samples
+
+    with pytest.raises(ValueError, match=r"\('red circle moving left', 8\).*not held out"):
+        held_out_samples("eval", ["red circle moving left"], [8, 1000])
+    assert held_out_samples("eval", ["red circle moving left"], [1000]) == [("red circle moving left", 1000)]
+    with pytest.raises(ValueError, match="--prompts must be 1..6"):
+        held_out_samples("eval", first_prompts=7)
+
+
+def test_words_the_tokenizer_does_not_know_are_named():
+    from mixcache_compile.eval.frontier import held_out_samples
+
+    with pytest.warns(UserWarning, match=r"\['purple', 'triangle'\]"):
+        held_out_samples("eval", ["purple triangle moving up"], [3])
+
