@@ -364,13 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def held_out_samples(prompt_set: str, prompts: Sequence[str] | None = None, seeds: Sequence[int] | None = None,
                      first_prompts: int | None = None, first_seeds: int | None = None) -> list[tuple[str, int]]:
     """The (prompt, seed) samples a run scores: the set's, or the given prompts / seeds, cut to
-    the first N of each. Refuses counts out of range and samples that calibration or tuning
-    used (not held out); warns on words the shipped models' tokenizer maps to <unk>."""
+    the first N of each. Refuses repeated prompts or seeds, counts out of range and samples
+    that calibration or tuning used (not held out); warns on words the shipped models' tokenizer maps to <unk>."""
     from ..zoo.text import WordTokenizer
     from .budget_fit import CALIBRATION_PROMPTS, TUNING_SEEDS
 
     set_prompts, set_seeds = PROMPT_SETS[prompt_set]
     prompt_list, seed_list = tuple(prompts or set_prompts), tuple(seeds or set_seeds)
+    repeated = sorted({v for v in prompt_list if prompt_list.count(v) > 1}) + sorted({v for v in seed_list if seed_list.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{repeated} given more than once: each sample would count twice in the means")
     n_prompts = len(prompt_list) if first_prompts is None else first_prompts
     n_seeds = len(seed_list) if first_seeds is None else first_seeds
     if not 1 <= n_prompts <= len(prompt_list) or not 1 <= n_seeds <= len(seed_list):

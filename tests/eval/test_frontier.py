@@ -192,6 +192,8 @@ def test_calibration_samples_and_bad_counts_are_refused_by_name():
     assert held_out_samples("eval", ["red circle moving left"], [1000]) == [("red circle moving left", 1000)]
     with pytest.raises(ValueError, match="--prompts must be 1..6"):
         held_out_samples("eval", first_prompts=7)
+    with pytest.raises(ValueError, match=r"\[5\] given more than once"):
+        held_out_samples("eval", seeds=[5, 6, 5])
 
 
 def test_words_the_tokenizer_does_not_know_are_named():
