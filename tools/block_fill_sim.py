@@ -54,7 +54,9 @@ class _HeldResidual(torch.nn.Module):
 class BlockSimulator(Simulator):
     def __init__(self, name: str, samples: list[tuple[str, int]], fn: int = 1, bn: int = 1, **kw: object) -> None:
         self.fn, self.bn = fn, bn
-        self._residuals: dict[tuple, torch.Tensor] = {}  # (sample, prefix, branch) -> middle residual of a full call
+        # (sample, prefix, branch) -> middle residual of a full call; not evicted with the output
+        # memo (one hidden-state tensor per full call: a greedy search makes a few thousand)
+        self._residuals: dict[tuple, torch.Tensor] = {}
         super().__init__(name, samples, **kw)
 
     def _middle(self) -> tuple[int, int]:
