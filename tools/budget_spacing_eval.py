@@ -48,20 +48,19 @@ def progress_weight(c: float, cap: float | None) -> Weight:
 
 def schedule(x: Sequence[float], k: dict[str, float], threshold: float, weight: Weight = flat,
              warm: int = 1) -> list[int]:
-    """The computed steps of the budget's step-only rule (``policies/budget.py``, Note [error
-    budget]) for the weighted indicators ``x`` (``x[0]`` unused): a step is skipped while
-    ``k (staleness + x_i) <= threshold``, ``k`` the extrapolated step's once two steps were
-    computed (else the held step's); a computed step resets the staleness."""
+    """The computed steps of the budget's step-only rule for the weighted indicators ``x``
+    (``x[0]`` unused): ``policies/budget.py``'s own ``choose`` and ``advance`` with step reuse
+    the only candidate, extrapolated once two steps were computed (Note [error budget])."""
+    from mixcache_compile.policies import budget
+
     total = len(x)
-    computed, stale = list(range(warm)), 0.0
+    computed, stale = list(range(warm)), {q: 0.0 for q in budget.QUANTITIES}
     for i in range(warm, total):
         xi = x[i] * weight(i, total)
-        coef = k["step_extrapolated"] if len(computed) >= 2 else k["step"]
-        if coef * (stale + xi) <= threshold:
-            stale += xi
-        else:
+        choice = budget.choose([frozenset({"step"})], xi, stale, k, {}, threshold, extrapolated=len(computed) >= 2)
+        if not choice.reuse:
             computed.append(i)
-            stale = 0.0
+        stale = budget.advance(stale, choice.reuse, xi)
     return computed
 
 
