@@ -11,6 +11,7 @@ import sys
 from typing import Any
 
 from ..cli_helpers import ModelSpecError, load_model_spec, parse_key_values
+from ..policies import DEFAULT_POLICY
 from ..progress import add_quiet_flag, is_quiet, set_quiet
 from .exporter import VARIANTS, export
 from .manifest import FORMATS
@@ -30,7 +31,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL_OR_PIPE", help="'zoo' or module:function returning (model_or_pipe, call_kwargs)")
     p.add_argument("--format", default="onnx", help=f"{' | '.join(FORMATS)} | tensorrt (ONNX, then TensorRT engines)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--policy", default="none", help="default policy recorded in the manifest")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"default policy recorded in the manifest (default {DEFAULT_POLICY}, as enable(pipe); none: compile only)")
     p.add_argument("--option", "-o", action="append", default=[], help="policy option KEY=VALUE (JSON value)")
     p.add_argument("--cfg", default="auto", help="auto | separate | batched | none")
     p.add_argument("--steps", type=int, default=2, help="denoising steps of the example call (zoo)")

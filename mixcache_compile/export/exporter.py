@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from ..passes.stage_graph import StageGraph
-from ..policies import PolicyConfig, make_config
+from ..policies import DEFAULT_POLICY, PolicyConfig, make_config
+from ..policies.fingerprint import fingerprint
 from ..progress import progress
 from ..runtime.executor import probe_value
 from ..runtime.flops import count_flops
@@ -70,7 +71,7 @@ def export(
     out_dir: str | Path,
     *,
     format: str = "onnx",
-    policy: str | PolicyConfig = "none",
+    policy: str | PolicyConfig = DEFAULT_POLICY,
     cfg: str = "auto",
     branch_order: tuple[str, str] = ("cond", "uncond"),
     batch_order: tuple[str, str] = ("uncond", "cond"),
@@ -87,8 +88,9 @@ def export(
     ``format``: "onnx" (one ONNX file per stage instance and input signature, parameters as
     initializers in a shared ``weights.bin``) or "inductor" (saved inductor artifacts, one per
     structural key and signature, parameters in ``params.safetensors``). ``policy`` and its
-    options (or a ``PolicyConfig``), ``cfg``, ``branch_order`` and ``batch_order`` are recorded as the runtime's
-    defaults. Every export is a static specialisation: the input shapes of the example calls
+    options (or a ``PolicyConfig``; default ``DEFAULT_POLICY``, what ``enable`` runs), ``cfg``,
+    ``branch_order`` and ``batch_order`` are recorded as the runtime's defaults, and the traced
+    model's weights fingerprint with them (the loaded transformer binds the policy to it). Every export is a static specialisation: the input shapes of the example calls
     (and, for a batch-concatenated CFG graph, the half batch its CFG reuse runs). Refuses,
     naming why, what it cannot honour: other formats, ``dynamic_shapes``, graphs with symbolic
     dimensions other than that batch, policy objects or options JSON cannot record.
@@ -406,8 +408,10 @@ def _model_json(cap: Capture) -> dict:
         config = {k: v for k, v in config.items() if _jsonable(v)}
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     cls = type(model)
+    # Note [weights fingerprint]: the loaded transformer answers this, so a policy whose defaults
+    # depend on the weights (mixcache's calibration per model) binds as it would to the model.
     return {"class": f"{cls.__module__}.{cls.__qualname__}", "config": config, "dtype": dtype_name(dtype),
-            "forward_params": cap.forward_params}
+            "forward_params": cap.forward_params, "weights_fingerprint": fingerprint(model)}
 
 
 def encode_config(config: dict) -> dict:

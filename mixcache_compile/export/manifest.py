@@ -140,7 +140,7 @@ class StageEntry:
 @dataclass
 class Manifest:
     format: str  # "onnx" | "inductor"
-    model: dict  # {"class", "config", "dtype", "forward_params"}
+    model: dict  # {"class", "config", "dtype", "forward_params", "weights_fingerprint" (absent before 12-01)}
     call: dict  # {"placeholders": [...], "fixed": {...}, "num_outputs": n}
     inputs: dict  # InputInfo fields
     plan: dict  # StagePlan wiring (stage names instead of graphs)

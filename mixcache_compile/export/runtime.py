@@ -207,6 +207,11 @@ class ExportedTransformer(torch.nn.Module):
                                    batch_order=tuple(s["batch_order"]), **policy_options)
         elif policy is not None or policy_options or cfg is not None:
             raise TypeError("give the policy and cfg to the CacheSession, not next to it")
+        # Note [weights fingerprint] (policies/fingerprint.py): the weights live in the export's
+        # files, so this answers the fingerprint export recorded; binding the session to it gives
+        # mixcache the traced model's calibration, as enable(model) does.
+        self.weights_fingerprint: str = str(manifest.model.get("weights_fingerprint", ""))
+        session.bind_model(self)
         self.manifest = manifest
         self.session = session
         self.engine = ManifestEngine(manifest, self.directory, loader, verify=verify)
