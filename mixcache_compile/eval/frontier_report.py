@@ -57,6 +57,31 @@ def _time(cell: dict[str, Any] | None) -> str:
     return f"{cell['speedup']:.2f}x"
 
 
+def method_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per method, cheapest at 32 dB first (methods never reaching it last): its
+    fraction at each level and its timed point (``frontier_timing.representative``: the point
+    the eager-once and compiled timings use), the side-by-side a user picks a method from."""
+    from .frontier_timing import representative
+
+    methods = list(dict.fromkeys(r["method"] for r in rows if _ok(r)))
+    out = [{"method": m, "levels": {lv: fraction_at(rows, m, lv) for lv in LEVELS}, "timed": representative(rows, m)}
+           for m in methods]
+    return sorted(out, key=lambda e: (e["levels"][32.0] is None, e["levels"][32.0] or 0.0, methods.index(e["method"])))
+
+
+def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """``method_summary`` as a Markdown table (fractions at 28 / 32 / 36 dB, then the timed point)."""
+    head = " | ".join(f"fraction at {lv:.0f} dB" for lv in LEVELS)
+    lines = [f"| method | {head} | timed point | its mean PSNR dB | its fraction | speedup eager | speedup compiled |",
+             "|---" * (7 + len(LEVELS)) + "|"]
+    for e in method_summary(rows):
+        cells = " | ".join("-" if f is None else f"{f:.3f}" for f in e["levels"].values())
+        t = e["timed"]  # never None: every listed method has an ok row
+        lines.append(f"| {e['method']} | {cells} | {t.get('knob', '-')} | {t['psnr']:.2f} | {t['computed_fraction']:.3f} | "
+                     f"{_time(t.get('wall_eager'))} | {_time(t.get('wall_compiled'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict[str, Any]) -> str:
     front = {(r["method"], r["knob"]) for r in pareto_rows(results["rows"])}
     lines = ["| method | knob | mean PSNR dB | min PSNR dB | SSIM | computed fraction | speedup eager | speedup compiled | Pareto |",
@@ -68,6 +93,8 @@ def markdown(results: dict[str, Any]) -> str:
         mark = "*" if (r["method"], r["knob"]) in front else ""
         lines.append(f"| {r['method']} | {r['knob']} | {r['psnr']:.2f} | {r['psnr_min']:.2f} | {r['ssim']:.4f} | "
                      f"{r['computed_fraction']:.3f} | {_time(r.get('wall_eager'))} | {_time(r.get('wall_compiled'))} | {mark} |")
+    lines += ["", "Per method (timed point: the cheapest reaching 32 dB, else the closest):", "",
+              *summary_markdown(results["rows"]).splitlines()]
     lines += ["", "| mean PSNR >= | mixcache fraction | best other (fraction) | ratio (target <= 0.87) |", "|---|---|---|---|"]
     for lv in results["levels"]:
         mine = "-" if lv["mixcache"] is None else f"{lv['mixcache']:.3f}"

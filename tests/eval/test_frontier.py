@@ -202,3 +202,19 @@ def test_words_the_tokenizer_does_not_know_are_named():
     with pytest.warns(UserWarning, match=r"\['purple', 'triangle'\]"):
         held_out_samples("eval", ["purple triangle moving up"], [3])
 
+
+
+def test_method_summary_lists_each_method_by_its_fraction_at_32_db_with_its_timed_point():
+    from mixcache_compile.eval.frontier_report import method_summary, summary_markdown
+
+    timed = {**_row("teacache", 32.5, 0.25), "wall_eager": {"speedup": 3.5}, "wall_compiled": {"status": "failed"}}
+    rows = [r if (r["method"], r.get("psnr")) != ("teacache", 32.5) else timed for r in ROWS]
+    summary = method_summary(rows)
+    assert [e["method"] for e in summary] == ["mixcache", "teacache", "diffusers:magcache"]  # 0.18, 0.25, 0.50 at 32 dB
+    assert summary[1]["levels"] == {28.0: 0.25, 32.0: 0.25, 36.0: 0.33}
+    assert summary[1]["timed"] is timed and summary[0]["timed"]["computed_fraction"] == 0.18
+    table = summary_markdown(rows)
+    assert "| teacache | 0.250 | 0.250 | 0.330 | p32.5 | 32.50 | 0.250 | 3.50x | failed |" in table
+    assert "| diffusers:magcache | 0.500 | 0.500 | - | p33 | 33.00 | 0.500 |  |  |" in table
+    assert "diffusers:pab" not in table  # failed everywhere: no fraction, nothing timed
+    assert table in markdown({"rows": rows, "levels": fraction_at_levels(rows)})
