@@ -73,7 +73,7 @@ def summary_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """``method_summary`` as a Markdown table (fractions at 28 / 32 / 36 dB, then the timed point)."""
     head = " | ".join(f"fraction at {lv:.0f} dB" for lv in LEVELS)
     lines = [f"| method | {head} | timed point | its mean PSNR dB | its fraction | speedup eager | speedup compiled |",
-             "|---" * (7 + len(LEVELS)) + "|"]
+             "|---" * (6 + len(LEVELS)) + "|"]
     for e in method_summary(rows):
         cells = " | ".join("-" if f is None else f"{f:.3f}" for f in e["levels"].values())
         t = e["timed"]  # never None: every listed method has an ok row

@@ -214,6 +214,8 @@ def test_method_summary_lists_each_method_by_its_fraction_at_32_db_with_its_time
     assert summary[1]["levels"] == {28.0: 0.25, 32.0: 0.25, 36.0: 0.33}
     assert summary[1]["timed"] is timed and summary[0]["timed"]["computed_fraction"] == 0.18
     table = summary_markdown(rows)
+    head, rule = table.splitlines()[:2]
+    assert head.count("|") == rule.count("|") == 10  # a delimiter row of another width does not render
     assert "| teacache | 0.250 | 0.250 | 0.330 | p32.5 | 32.50 | 0.250 | 3.50x | failed |" in table
     assert "| diffusers:magcache | 0.500 | 0.500 | - | p33 | 33.00 | 0.500 |  |  |" in table
     assert "diffusers:pab" not in table  # failed everywhere: no fraction, nothing timed
