@@ -90,7 +90,8 @@ def export(
     structural key and signature, parameters in ``params.safetensors``). ``policy`` and its
     options (or a ``PolicyConfig``; default ``DEFAULT_POLICY``, what ``enable`` runs), ``cfg``,
     ``branch_order`` and ``batch_order`` are recorded as the runtime's defaults, and the traced
-    model's weights fingerprint with them (the loaded transformer binds the policy to it). Every export is a static specialisation: the input shapes of the example calls
+    model's weights fingerprint with them (the loaded transformer binds the policy to it).
+    Every export is a static specialisation: the input shapes of the example calls
     (and, for a batch-concatenated CFG graph, the half batch its CFG reuse runs). Refuses,
     naming why, what it cannot honour: other formats, ``dynamic_shapes``, graphs with symbolic
     dimensions other than that batch, policy objects or options JSON cannot record.
