@@ -107,8 +107,7 @@ class AttnSimulator(Simulator):
                 c = self._call(sample, prefix, "cond", latents, t)
                 u = c - self._extrapolate([(j, cj - uj) for j, cj, uj in full], i)
             elif letter == "S":
-                c = self._extrapolate([(j, cj) for j, cj, _ in full], i)
-                u = self._extrapolate([(j, uj) for j, _, uj in full], i)
+                c, u = self.skipped(full, i)
             else:
                 raise ValueError(f"unknown schedule letter {letter!r}")
             latents = scheduler.step(u + self.guidance * (c - u), t, latents, return_dict=False)[0]

@@ -125,8 +125,7 @@ class BlockSimulator(Simulator):
                 if letter in "CD":  # the block step's outputs feed the later skips' extrapolation
                     full = [*full, (i, c, u)][-2:]
             elif letter == "S":
-                c = self._extrapolate([(j, cj) for j, cj, _ in full], i)
-                u = self._extrapolate([(j, uj) for j, _, uj in full], i)
+                c, u = self.skipped(full, i)
             else:
                 raise ValueError(f"unknown letter {letter!r}")
             latents = scheduler.step(u + self.guidance * (c - u), t, latents, return_dict=False)[0]

@@ -124,8 +124,7 @@ class Simulator:
                 fresh_c = [*fresh_c, (i, c)][-2:]
             elif letter == "S":
                 if skip_mode == "full":
-                    c = self._extrapolate([(j, cj) for j, cj, _ in full], i)
-                    u = self._extrapolate([(j, uj) for j, _, uj in full], i)
+                    c, u = self.skipped(full, i)
                 else:
                     c = self._extrapolate(fresh_c, i)
                     u = c - self._extrapolate([(j, cj - uj) for j, cj, uj in full], i)
@@ -140,6 +139,11 @@ class Simulator:
         with torch.no_grad():
             return self.pipe.transformer(hidden_states=latents, timestep=t.expand(latents.shape[0]),
                                          encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def skipped(self, full: list[tuple[int, torch.Tensor, torch.Tensor]], i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A skipped step's ``(c, u)``: each branch extrapolated from the last two full steps
+        ``(i, c, u)`` (mixcache's rule, no chained approximation)."""
+        return self._extrapolate([(j, cj) for j, cj, _ in full], i), self._extrapolate([(j, uj) for j, _, uj in full], i)
 
     def _extrapolate(self, history: list[tuple[int, torch.Tensor]], i: int, plain: bool = False) -> torch.Tensor:
         (i2, v2) = history[-1]
