@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ..model_parts import find_blocks, first_output
-from ..policies.budget import COEFFICIENTS
+from ..policies.budget import COEFFICIENTS, PRICED_OUT
 
 CALIBRATION_PROMPTS = ("red circle moving left", "yellow circle moving down")  # --samples 1: the first only
 CALIBRATION_SEEDS = (7,)
@@ -218,7 +218,7 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     # Price check (Note [price check]): a partial reuse keeps its rate-based coefficient only
     # if, added at the found threshold, its point lies above the step-only curve through the
     # bracketing points (more quality for the compute, or less compute for the quality);
-    # otherwise it is priced out (k = PRICED_OUT), which the budget then never affords.
+    # otherwise it is priced out (k = PRICED_OUT; Note [priced out]: the policy then drops it).
     (q_lo, f_lo), (q_hi, f_hi) = points[lo], points.get(hi, points[lo])
     slope = (q_lo - q_hi) / (f_lo - f_hi) if abs(f_lo - f_hi) > 1e-9 else 0.0
     kept = []
@@ -237,8 +237,6 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     calib["threshold"] = lo
     return calib
 
-
-PRICED_OUT = 1e3
 
 
 def search(measure: Any, target: float, steps: int, start: float = 0.02) -> tuple[float, float, dict[float, tuple[float, float]]]:

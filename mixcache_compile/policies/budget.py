@@ -30,6 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 QUANTITIES = ("step", "cfg", "block", "attn")
+# Note [priced out]: a calibration gives a partial reuse this coefficient when its price check
+# finds it no better than sparser step reuse (eval/budget_fit.py). The policy then drops it
+# from its candidates altogether: never chosen (k * x alone would allow it at an indicator
+# below threshold / 1000), and its graph cuts not requested, so every computed call runs
+# fewer stage graphs (shipped tiny: 2 instead of 7).
+PRICED_OUT = 1e3
 CANDIDATES: tuple[frozenset[str], ...] = (
     frozenset({"step"}),
     frozenset({"cfg", "block"}),

@@ -173,6 +173,8 @@ class MixCachePolicy(PolicyBase):
     def _use(self, calib: Mapping[str, Any]) -> None:
         self.calibration_source: str = str(calib.get("source", self.config.calibration or "fallback"))
         self.k: dict[str, float] = dict(calib["k"])
+        # Note [priced out] (budget.py): a reuse the calibration prices out is no candidate at all
+        self.candidates: tuple[str, ...] = tuple(q for q in self.config.candidates if self.k.get(q, 0.0) < budget.PRICED_OUT)
         self.savings: dict[str, float] = dict(calib["savings"])
         self.rescale_coefficients: list[float] = list(calib["rescale"])
         self.timesteps: list[float] | None = [float(t) for t in calib["timesteps"]] if calib.get("timesteps") else None
@@ -201,11 +203,11 @@ class MixCachePolicy(PolicyBase):
     def needs(self, model: ModelInfo) -> CacheNeeds:
         c = self.config
         rng = (c.Fn, model.num_blocks - c.Bn)
-        self.block_range = rng if "block" in c.candidates and rng[0] < rng[1] and rng in model.reusable_ranges else None
-        self._attn_blocks = tuple(range(model.num_blocks)) if "attn" in c.candidates and model.attention_reusable else ()
+        self.block_range = rng if "block" in self.candidates and rng[0] < rng[1] and rng in model.reusable_ranges else None
+        self._attn_blocks = tuple(range(model.num_blocks)) if "attn" in self.candidates and model.attention_reusable else ()
         return CacheNeeds(
             outputs=True,
-            cfg_delta="cfg" in c.candidates,
+            cfg_delta="cfg" in self.candidates,
             ranges={self.block_range} if self.block_range else set(),
             attn_blocks=set(self._attn_blocks),
             history=2,
@@ -315,7 +317,7 @@ class MixCachePolicy(PolicyBase):
 
     def _allowed(self, obs: Observation) -> list[frozenset[str]]:
         """Candidates the interference rules allow (Note [no chaining])."""
-        c, branches = self.config.candidates, self._branches
+        c, branches = self.candidates, self._branches
         # Note [no chaining]: step, block and attention reuse read caches that the branches'
         # last computing calls recorded; those calls must have been full (not themselves
         # approximated). The CFG difference must come from a step computing both in full.

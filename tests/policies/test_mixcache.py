@@ -91,6 +91,8 @@ class BudgetRule:
         x *= self._size_ratio(step)  # the clock sums the plain x; the budget the charged one
         clean = bool(self.hist) and all(h[-1][1] for h in self.hist.values())
         ok = {"step": clean, "cfg": branch == "cond" and self.delta_full, "block": clean, "attn": clean}
+        # a coefficient of 1e3 or more prices the reuse out: never a candidate (Note [priced out])
+        ok = {q: allowed and self.k[q] < 1e3 for q, allowed in ok.items()}
         best, best_err, best_sav = "full", 0.0, 0.0
         if self.warm <= step < self.T - self.final and math.isfinite(x):
             extrap = bool(self.hist) and all(self._w(b, step) > 0 for b in self.hist)
@@ -301,3 +303,36 @@ def test_each_shipped_model_gets_its_own_calibration():
     assert session.policy.calibration_source == "fallback" and session.policy.threshold == FALLBACK["threshold"]
     own = mixcache_compile.enable(load_pipeline(name="tiny"), policy="mixcache", engine="eager", calibration=SHIPPED[-1])
     assert own.policy.calibration_source == SHIPPED[-1]  # an explicit file wins
+
+
+def test_priced_out_reuses_are_no_candidates_and_cut_no_graphs(tmp_path):
+    """Note [priced out]: a partial reuse the calibration prices out (k = PRICED_OUT) is never
+    chosen, even where k * x alone would allow it (an indicator below threshold / 1000), and
+    the policy asks for none of its cuts: the shipped models run 2 stage graphs, not 7 / 11."""
+    import mixcache_compile
+    from mixcache_compile.policies.budget import PRICED_OUT
+    from mixcache_compile.zoo import default_call_kwargs, load_pipeline
+
+    # cfg priced out while step reuse is priced out too, and a threshold so loose that
+    # PRICED_OUT * x passes: the old rule took step reuse here, the note's rule never does
+    calib = {"format": BUDGET_FORMAT, "k": {"step": PRICED_OUT, "step_extrapolated": PRICED_OUT, "cfg": PRICED_OUT,
+                                            "block": 0.3, "attn": PRICED_OUT},
+             "savings": {"block": 0.3, "attn": 0.2}, "rescale": [1.0, 0.0], "threshold": 1e6}
+    path = tmp_path / "calib.json"
+    save(calib, path)
+    session, rule, log = _drive(calib, 1e6, calibration=str(path))
+    assert rule.chosen == [e[2] for e in session.policy.log]
+    assert session.policy.candidates == ("block",)
+    assert {c for c in rule.chosen} == {"full", "block"}, rule.chosen  # loose enough for all, priced out none taken
+
+    for name in ("tiny", "deep"):
+        pipe = load_pipeline(name=name)
+        pipe.set_progress_bar_config(disable=True)
+        session = mixcache_compile.enable(pipe, engine="eager")
+        assert session.policy.candidates == ("step",)  # both calibrations price cfg, block and attn out
+        with torch.no_grad():
+            pipe(prompt="blue square moving down", generator=torch.Generator().manual_seed(1000),
+                 **default_call_kwargs(num_inference_steps=8))
+        assert session.stats()["stages"] == 2  # the probe head and the rest, in one graph each
+    fallback = MixCachePolicy(MixCacheConfig())
+    assert fallback.candidates == ("step", "cfg", "block", "attn")  # nothing priced out without a calibration
