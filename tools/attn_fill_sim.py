@@ -31,21 +31,20 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from block_fill_sim import DAMPING  # noqa: E402
+from block_fill_sim import SETS as BLOCK_SETS  # noqa: E402
 from cfg_schedule_sim import Simulator, make  # noqa: E402
-
-from mixcache_compile.eval.frontier import EVAL_PROMPTS, EVAL_SEEDS, FRESH_PROMPTS, FRESH_SEEDS  # noqa: E402
 
 THIRD_PROMPTS = ("yellow circle moving up", "blue square moving left", "red circle moving down", "green square moving left",
                  "yellow square moving down", "blue circle moving right")  # README's third held-out set
-SETS = {"eval": [(p, s) for p in EVAL_PROMPTS for s in EVAL_SEEDS],
-        "fresh": [(p, s) for p in FRESH_PROMPTS for s in FRESH_SEEDS],
-        "third": [(p, s) for p in THIRD_PROMPTS for s in (3000, 3001)]}
-DAMPING = {"deep": 0.5, "tiny": 0.25}
+# the frontier's three held-out sets ("wide" in block_fill_sim is the frontier's eval set)
+SETS = {"eval": BLOCK_SETS["wide"], "fresh": BLOCK_SETS["fresh"], "third": [(p, s) for p in THIRD_PROMPTS for s in (3000, 3001)]}
 
 
 class AttnSimulator(Simulator):
     def __init__(self, name: str, samples: list[tuple[str, int]], **kw: Any) -> None:
-        # (sample, prefix, branch) -> each block's attn1 output at a full call (kept with the memo's outputs)
+        # (sample, prefix, branch) -> each block's attn1 output at a full call; not evicted with the
+        # output memo (a run scores a few hundred schedules at most: small next to the memo)
         self._attn: dict[tuple, list[torch.Tensor]] = {}
         self._hook_mode: tuple[str, list[torch.Tensor]] | None = None  # ("record" | "replay", outputs)
         super().__init__(name, samples, **kw)

@@ -238,7 +238,6 @@ def fit(pipe: Any, call_kwargs: dict[str, Any], target_psnr: float, *, samples: 
     return calib
 
 
-
 def search(measure: Any, target: float, steps: int, start: float = 0.02) -> tuple[float, float, dict[float, tuple[float, float]]]:
     """Largest threshold with mean PSNR >= target: grow x2 until missed, then bisect (log scale)."""
     points: dict[float, tuple[float, float]] = {}

@@ -203,7 +203,6 @@ def test_words_the_tokenizer_does_not_know_are_named():
         held_out_samples("eval", ["purple triangle moving up"], [3])
 
 
-
 def test_method_summary_lists_each_method_by_its_fraction_at_32_db_with_its_timed_point():
     from mixcache_compile.eval.frontier_report import method_summary, summary_markdown
 

@@ -67,7 +67,7 @@ def test_exported_session_takes_the_shipped_calibration_and_the_same_decisions(s
     assert (got - want).abs().max().item() <= 1e-4
 
 
-def test_an_export_without_a_recorded_fingerprint_falls_back(shipped_export, tmp_path):
+def test_an_export_without_a_recorded_fingerprint_falls_back(shipped_export):
     """Exports made before the fingerprint was recorded match no calibration: FALLBACK, the
     documented default of an uncalibrated model."""
     out, _ = shipped_export
